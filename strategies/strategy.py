@@ -1,0 +1,220 @@
+"""Pollen's server strategy: one Flower ``Strategy`` composed of small parts.
+
+The round pipeline is fixed; what varies is plugged in as a part:
+
+``sample cohort → send global (optimizer's send point) → [clients] → decode + validate each
+reply → (privacy) → running weighted sum → server optimizer step``
+
+* ``ServerOptimizer`` (:mod:`strategies.server_optimizers`): FedAvg/server-lr, block momentum
+  (+ Nesterov), AMSGrad/Adam/Yogi.
+* ``Codec`` (:mod:`strategies.codecs`): decodes Pollen payloads before anything else.
+* cohort sampler (:mod:`strategies.sampling`).
+
+It implements Flower's Message-API ``Strategy`` ABC, so it also runs under
+``strategy.start(grid, ...)`` in a user's own ServerApp and against a stock Flower ClientApp
+that replies with ``arrays`` (its full model) and a MetricRecord holding ``num-examples``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies import wire
+from strategies.aggregation import RunningWeightedSum, WeightedScalars
+from strategies.sampling import FixedSizeSampler, round_rng
+from strategies.updates import ClientUpdate, UpdateRejected, decode_reply
+
+log = logging.getLogger("pollen")
+
+Params = dict[str, np.ndarray]
+
+
+def to_params(arrays: ArrayRecord) -> Params:
+    """ArrayRecord → ordered dict of float32 NumPy arrays."""
+    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in arrays.items()}
+
+
+def to_arrayrecord(params: Params) -> ArrayRecord:
+    """Ordered dict of NumPy arrays → ArrayRecord (keeps the state-dict names)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+@dataclass
+class RoundStats:
+    """What one training round did, for metrics.jsonl and the progress line."""
+
+    server_round: int
+    sampled: int = 0
+    clients: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float = float("nan")
+    client_metrics: dict[str, float] = field(default_factory=dict)
+    rejections: list[str] = field(default_factory=list)
+
+
+class PollenStrategy(Strategy):
+    """FedAvg / Local SGD and its server-optimizer, codec and privacy variants.
+
+    Parameters
+    ----------
+    optimizer : ServerOptimizer
+        Applied to the weighted mean client delta (``fedavg`` with ``server_lr=1`` is FedAvg).
+    clients_per_round : int
+        Cohort size ``m``; fewer if fewer nodes are connected.
+    seed : int
+        Seeds cohort sampling, per round, so a resumed run samples the same cohorts.
+    codec : Codec, optional
+        Decoder for Pollen client payloads; ``None`` for plain float32 deltas / stock clients.
+    fraction_evaluate : float, default 0.0
+        Fraction of connected nodes asked to evaluate the global model each round.
+    train_config : dict, optional
+        Extra values sent to clients in the ``config`` ConfigRecord every round.
+    """
+
+    def __init__(
+        self,
+        *,
+        optimizer,
+        clients_per_round: int,
+        seed: int = 0,
+        codec=None,
+        fraction_evaluate: float = 0.0,
+        train_config: dict | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.sampler = FixedSizeSampler(clients_per_round, seed)
+        self.seed = seed
+        self.codec = codec
+        self.fraction_evaluate = fraction_evaluate
+        self.train_config = dict(train_config or {})
+        self.global_params: Params | None = None
+        self._sent: Params | None = None
+        self.last_round: RoundStats | None = None
+        self.last_updates: list[ClientUpdate] = []
+
+    # --- Flower Strategy ABC ------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_params = to_params(arrays)
+        self._sent = self.optimizer.send_point(self.global_params)
+        cohort = self.sampler.sample(server_round, list(grid.get_node_ids()))
+        content = RecordDict(
+            {
+                wire.ARRAYS: to_arrayrecord(self._sent),
+                wire.CONFIG: self._round_config(server_round, config),
+            }
+        )
+        self.last_round = RoundStats(server_round=server_round, sampled=len(cohort))
+        # Every client is sent the same content: bytes down are counted per recipient.
+        self.last_round.bytes_down = wire.content_size(content) * len(cohort)
+        return [
+            Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in cohort
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._sent is None or self.global_params is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        stats = self.last_round or RoundStats(server_round=server_round)
+        total = RunningWeightedSum()
+        client_metrics = WeightedScalars()
+        self.last_updates = []
+        for reply in replies:
+            try:
+                update = decode_reply(reply, self._sent, self.codec)
+            except UpdateRejected as reason:
+                stats.rejected += 1
+                stats.rejections.append(str(reason))
+                log.warning("round %d: rejected update: %s", server_round, reason)
+                continue
+            stats.bytes_up += update.bytes_up
+            total.add(update.delta, update.num_examples)
+            client_metrics.add(update.metrics, update.num_examples)
+            self.last_updates.append(update)
+        stats.clients = total.count
+        self.last_round = stats
+        if total.count == 0:
+            log.warning("round %d: no valid update; the global model is unchanged", server_round)
+            return None, MetricRecord({"clients": 0, "rejected": stats.rejected})
+        mean_delta = total.mean()
+        self.global_params = self.optimizer.step(self.global_params, mean_delta)
+        stats.client_metrics = client_metrics.means()
+        stats.train_loss = stats.client_metrics.get("train_loss", float("nan"))
+        record = MetricRecord(
+            {
+                "clients": stats.clients,
+                "rejected": stats.rejected,
+                "bytes_up": stats.bytes_up,
+                "bytes_down": stats.bytes_down,
+                **{k: v for k, v in stats.client_metrics.items()},
+            }
+        )
+        return to_arrayrecord(self.global_params), record
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0.0:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        n = max(1, int(round(len(nodes) * self.fraction_evaluate)))
+        rng = round_rng(self.seed, server_round, stream=1)
+        chosen = sorted(rng.choice(len(nodes), size=min(n, len(nodes)), replace=False))
+        content = RecordDict(
+            {wire.ARRAYS: arrays, wire.CONFIG: self._round_config(server_round, config)}
+        )
+        return [
+            Message(content, dst_node_id=nodes[i], message_type=MessageType.EVALUATE)
+            for i in chosen
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        sums = WeightedScalars()
+        for reply in replies:
+            if reply.has_error() or not reply.content.metric_records:
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            weight = metrics.get(wire.NUM_EXAMPLES)
+            if not isinstance(weight, (int, float)) or weight <= 0:
+                continue
+            sums.add({k: v for k, v in metrics.items() if k != wire.NUM_EXAMPLES}, weight)
+        means = sums.means()
+        return MetricRecord(means) if means else None
+
+    def summary(self) -> None:
+        log.info(
+            "PollenStrategy: optimizer=%s, clients/round=%d, codec=%s, fraction-evaluate=%s",
+            getattr(self.optimizer, "name", type(self.optimizer).__name__),
+            self.sampler.clients_per_round,
+            getattr(self.codec, "name", "none"),
+            self.fraction_evaluate,
+        )
+
+    # --- checkpoint state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Server-side state other than the global model (for checkpoints)."""
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # --- helpers ------------------------------------------------------------------------
+    def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        merged = ConfigRecord(dict(config))
+        for k, v in self.train_config.items():
+            merged[k] = v
+        merged["server-round"] = server_round
+        return merged

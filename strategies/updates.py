@@ -1,0 +1,123 @@
+"""Turning one client reply into a validated dense update, or a reason to reject it.
+
+This is the server's first step for every reply, before privacy or aggregation see it:
+decode (Pollen codec payload, or a stock Flower client's full model) into a dense float32
+delta relative to the point the client was sent, then check what a faulty or malicious
+client could get wrong. A rejected reply is logged and counted; the round goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+
+from strategies import wire
+
+Params = dict[str, np.ndarray]
+
+
+class UpdateRejected(ValueError):
+    """A client reply that must not be aggregated; the message says why."""
+
+
+@dataclass
+class ClientUpdate:
+    """A decoded, validated client update."""
+
+    node_id: int
+    delta: Params
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+
+
+def params_norm(params: Params) -> float:
+    """Global L2 norm over all arrays (float64 accumulation)."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in params.values())))
+
+
+def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
+    """Decode and validate one train reply.
+
+    Parameters
+    ----------
+    reply : Message
+        The client's reply. Pollen clients send ``update`` + ``codec``; stock Flower
+        clients send their full model as the only ArrayRecord.
+    sent : Params
+        The exact point this client was sent; the reference for deltas and shapes.
+    codec : Codec, optional
+        Decoder for Pollen payloads (``None``: plain float32 deltas).
+
+    Raises
+    ------
+    UpdateRejected
+        On an error reply, missing records, wrong keys/shapes/dtypes, non-finite values,
+        a malformed codec payload, or a missing/invalid ``num-examples``.
+    """
+    node = reply.metadata.src_node_id
+    if reply.has_error():
+        raise UpdateRejected(f"node {node} replied with an error: {reply.error.reason}")
+    content = reply.content
+    metrics_records = content.metric_records
+    if not metrics_records:
+        raise UpdateRejected(f"node {node}: reply has no MetricRecord")
+    metrics = dict(
+        metrics_records[wire.METRICS] if wire.METRICS in metrics_records
+        else next(iter(metrics_records.values()))
+    )
+    num_examples = metrics.get(wire.NUM_EXAMPLES)
+    if not isinstance(num_examples, (int, float)) or not np.isfinite(num_examples) or num_examples <= 0:
+        raise UpdateRejected(f"node {node}: invalid '{wire.NUM_EXAMPLES}' {num_examples!r}")
+
+    arrays = content.array_records
+    if wire.UPDATE in arrays:
+        payload = {k: v.numpy() for k, v in arrays[wire.UPDATE].items()}
+        header = dict(content.config_records.get(wire.CODEC, {}))
+        if codec is None:
+            delta = payload
+        else:
+            like = {k: (v.shape, v.dtype) for k, v in sent.items()}
+            try:
+                delta = codec.decode(payload, header, like)
+            except ValueError as err:
+                raise UpdateRejected(f"node {node}: malformed {codec.name} payload: {err}") from None
+    elif len(arrays) == 1:
+        model = {k: v.numpy() for k, v in next(iter(arrays.values())).items()}
+        _check_shapes(node, model, sent)
+        delta = {k: (model[k].astype(np.float32) - sent[k]) for k in sent}
+    else:
+        raise UpdateRejected(
+            f"node {node}: reply must hold an '{wire.UPDATE}' ArrayRecord or exactly one "
+            f"ArrayRecord with the full model, got {sorted(arrays)}"
+        )
+    _check_shapes(node, delta, sent)
+    for k, v in delta.items():
+        if not np.all(np.isfinite(v)):
+            raise UpdateRejected(f"node {node}: non-finite values in '{k}'")
+    delta = {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
+    clean_metrics = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != wire.NUM_EXAMPLES
+    }
+    return ClientUpdate(
+        node_id=node,
+        delta=delta,
+        num_examples=int(num_examples),
+        metrics=clean_metrics,
+        bytes_up=wire.content_size(content),
+    )
+
+
+def _check_shapes(node: int, got: Params, sent: Params) -> None:
+    if got.keys() != sent.keys():
+        missing, extra = sorted(sent.keys() - got.keys()), sorted(got.keys() - sent.keys())
+        raise UpdateRejected(f"node {node}: wrong arrays (missing {missing}, unexpected {extra})")
+    for k, ref in sent.items():
+        if got[k].shape != ref.shape:
+            raise UpdateRejected(
+                f"node {node}: '{k}' has shape {got[k].shape}, expected {ref.shape}"
+            )
+        if not np.issubdtype(got[k].dtype, np.floating):
+            raise UpdateRejected(f"node {node}: '{k}' has non-float dtype {got[k].dtype}")
