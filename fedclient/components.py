@@ -32,6 +32,7 @@ def data_spec(cfg: RunConfig, data_path: str | None = None) -> DataSpec:
         synthetic_beta=cfg.synthetic_beta,
         hub_dataset=cfg.hub_dataset,
         data_path=data_path if data_path else cfg.data_path,
+        num_classes=cfg.num_classes,
         seed=cfg.seed,
     )
 

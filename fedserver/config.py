@@ -131,6 +131,12 @@ class RunConfig:
         "an image folder); on real devices set per node with --node-config.",
         section="data",
     )
+    num_classes: int = _key(
+        0,
+        "Number of classes for dataset=files (0: infer from the file); every device must "
+        "use the same value so that all build the same model.",
+        low=0, section="data",
+    )
     # --- model -------------------------------------------------------------------------
     model: str = _key("mlp", "Model architecture.", choices=MODELS, section="model")
     hidden_size: int = _key(128, "Hidden width of mlp/cnn.", low=1, section="model")
