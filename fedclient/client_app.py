@@ -12,15 +12,19 @@ import functools
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
 from fedclient.device import pick_device
+from fedclient.encoding import UpdateEncoder
 from fedclient.pipeline import client_update
+from fedclient.state import state_store
 from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
 from fedserver.config import RunConfig, parse_run_config
 from strategies import wire
+from strategies.codecs import build_error_feedback
+from strategies.factory import build_codec_for, codec_spec
 from strategies.strategy import to_arrayrecord, to_params
 
 log = logging.getLogger("pollen")
@@ -35,6 +39,12 @@ def _config(items: tuple) -> RunConfig:
 
 def run_config(context: Context) -> RunConfig:
     return _config(tuple(sorted(context.run_config.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(cfg: RunConfig) -> UpdateEncoder:
+    codec = build_codec_for(cfg)
+    return UpdateEncoder(codec, build_error_feedback(codec_spec(cfg), codec))
 
 
 def client_identity(context: Context) -> tuple[int, int, str]:
@@ -72,6 +82,7 @@ def train(msg: Message, context: Context) -> Message:
     client_id, x, y, model = _local_data(cfg, context)
     server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
     sent = to_params(msg.content[wire.ARRAYS])
+    store = state_store(context)
     outcome = client_update(
         model,
         sent,
@@ -79,7 +90,10 @@ def train(msg: Message, context: Context) -> Message:
         y,
         local_training(cfg),
         seeded_generator(cfg.seed, server_round, client_id),
+        encoder=_encoder(cfg),
+        state=store.load(),
     )
+    store.save(outcome.state)
     content = RecordDict(
         {
             wire.UPDATE: to_arrayrecord(outcome.payload),
@@ -101,5 +115,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"eval_loss": loss, "accuracy": accuracy, "num-examples": int(x.shape[0])})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
-
-__all__ = ["app", "ArrayRecord"]

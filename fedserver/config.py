@@ -56,6 +56,10 @@ PARTITIONERS = ("iid", "dirichlet", "shards")
 MODELS = ("logreg", "mlp", "cnn")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("fedavg", "block-momentum", "amsgrad", "adam", "yogi")
+DRIVERS = ("sync", "async")
+STALENESS_WEIGHTINGS = ("constant", "polynomial")
+CODECS = ("none", "fp16", "bf16", "topk", "sign", "co3")
+CO3_SCALE_RULES = ("paper", "mse")
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,90 @@ class RunConfig:
     server_eps: float = _key(
         1e-3, "Adaptivity epsilon for amsgrad/adam/yogi.",
         low=0.0, low_open=True, section="strategy",
+    )
+    driver: str = _key(
+        "sync",
+        "sync: rounds with a barrier. async: bounded-staleness asynchronous training "
+        "(APAM with strategy=amsgrad); one server step per client update, and "
+        "num-server-rounds counts server steps.",
+        choices=DRIVERS, section="strategy",
+    )
+    concurrency: int = _key(
+        10, "driver=async: clients kept training at once (replaces clients-per-round).",
+        low=1, section="strategy",
+    )
+    max_staleness: int = _key(
+        20,
+        "driver=async: bound tau on staleness (server steps since the client's model was "
+        "sent); staler updates are dropped.",
+        low=0, section="strategy",
+    )
+    staleness_weighting: str = _key(
+        "constant",
+        "driver=async: weight of an update of staleness s: 1 (APAM), or (1+s)^-a "
+        "(FedAsync polynomial).",
+        choices=STALENESS_WEIGHTINGS, section="strategy",
+    )
+    staleness_exponent: float = _key(
+        0.5, "driver=async: exponent a of staleness-weighting=polynomial.",
+        low=0.0, section="strategy",
+    )
+    virtual_clock: bool = _key(
+        True,
+        "Simulated client compute times (seeded): async applies replies in simulated "
+        "finish order (deterministic) and metrics report sim_time; set false on real "
+        "devices to apply replies in real arrival order.",
+        section="strategy",
+    )
+    straggler_sigma: float = _key(
+        0.5, "Virtual clock: lognormal sigma of each job's duration (mean 1 time unit).",
+        low=0.0, section="strategy",
+    )
+    straggler_fraction: float = _key(
+        0.0, "Virtual clock: fraction of clients that are stragglers.",
+        low=0.0, high=1.0, section="strategy",
+    )
+    straggler_slowdown: float = _key(
+        5.0, "Virtual clock: how many times slower every job of a straggler is.",
+        low=1.0, section="strategy",
+    )
+
+    # --- communication compression ------------------------------------------------------
+    codec: str = _key(
+        "none",
+        "Uplink codec for client updates: float32, float casts, top-k, scaled sign, or CO3 "
+        "(short-float conversion + GenNorm-model ANS entropy coding + error feedback).",
+        choices=CODECS, section="compression",
+    )
+    topk_ratio: float = _key(
+        0.01, "Fraction of coordinates codec=topk sends (largest magnitudes, across layers).",
+        low=0.0, high=1.0, low_open=True, section="compression",
+    )
+    co3_exponent_bits: int = _key(
+        2, "CO3 float format exponent bits E (E2M1 = fp4, E5M2 = fp8).",
+        low=1, high=5, section="compression",
+    )
+    co3_mantissa_bits: int = _key(
+        1, "CO3 float format mantissa bits M (1 + E + M <= 8).", low=0, high=6,
+        section="compression",
+    )
+    co3_decay: float = _key(
+        0.9, "CO3 error-feedback memory decay lambda (CO3's 'correct' step).",
+        low=0.0, high=1.0, section="compression",
+    )
+    co3_scale_rule: str = _key(
+        "paper",
+        "CO3 per-tensor scale: the paper's P(beta)/scale polynomial, or the MSE-optimal "
+        "scale for the fitted GenNorm.",
+        choices=CO3_SCALE_RULES, section="compression",
+    )
+    error_feedback: bool = _key(
+        True, "Keep each client's compression error and add it to its next update (lossy codecs).",
+        section="compression",
+    )
+    ef_decay: float = _key(
+        1.0, "Error-feedback memory decay for topk/sign/fp16/bf16 (1.0 = classic EF).",
+        low=0.0, high=1.0, section="compression",
     )
 
     # ------------------------------------------------------------------------------------
@@ -342,6 +430,21 @@ def _check_cross_key_rules(cfg: RunConfig) -> None:
     if cfg.dataset == "files" and not cfg.data_path:
         raise ConfigError(
             "run-config key 'data-path' must name a data file when dataset='files'"
+        )
+    if cfg.codec == "co3" and 1 + cfg.co3_exponent_bits + cfg.co3_mantissa_bits > 8:
+        raise ConfigError(
+            "run-config keys 'co3-exponent-bits' + 'co3-mantissa-bits' must be <= 7 "
+            f"(1 sign bit + E + M <= 8), got E={cfg.co3_exponent_bits} M={cfg.co3_mantissa_bits}"
+        )
+    if cfg.driver == "async" and cfg.fraction_evaluate > 0:
+        raise ConfigError(
+            "run-config key 'fraction-evaluate' must be 0 with driver='async' (its clients are "
+            f"always busy training; central evaluation still runs), got {cfg.fraction_evaluate}"
+        )
+    if cfg.straggler_fraction > 0 and not cfg.virtual_clock:
+        raise ConfigError(
+            "run-config key 'straggler-fraction' needs virtual-clock=true (stragglers are "
+            f"simulated by the virtual clock), got {cfg.straggler_fraction}"
         )
     if cfg.nesterov and cfg.strategy != "block-momentum":
         raise ConfigError(

@@ -24,7 +24,8 @@ from fedclient.training import as_tensors, evaluate, get_params, set_params
 from fedserver.config import ConfigError, RunConfig, parse_run_config
 from fedserver.plots import plot_metrics
 from fedserver.run_dir import RunDirectory
-from strategies.factory import build_strategy
+from strategies.async_driver import AsyncRoundResult
+from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
 from strategies.sync_driver import RoundResult, run_sync
 
 log = logging.getLogger("pollen")
@@ -92,7 +93,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id)
-    num_nodes = len(list(grid.get_node_ids()))
+    node_ids = sorted(grid.get_node_ids())
+    num_nodes = len(node_ids)
     log.info("run directory: %s (%d nodes connected)", run.path.resolve(), num_nodes)
     run.write_config(
         {
@@ -116,6 +118,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     evaluator = CentralEvaluator(cfg, test.x, test.y, model)
     strategy = build_strategy(cfg)
     strategy.summary()
+    clock = build_virtual_clock(cfg, node_ids)
+    driver = build_async_driver(cfg, strategy, clock) if cfg.driver == "async" else None
     log.info(
         "dataset=%s (%d test examples), model=%s (%d parameters), %d rounds, %d clients/round",
         cfg.dataset, len(test), cfg.model, num_params, cfg.num_server_rounds, cfg.clients_per_round,
@@ -136,8 +140,13 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             "rejected": stats.rejected,
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
+            "bits_per_param": stats.bits_per_param,
             "wall_s": result.wall_s,
         }
+        if isinstance(result, AsyncRoundResult):
+            row.update(result.metrics())
+        elif clock is not None:
+            row["sim_time"] = clock.advance_round(stats.cohort, result.server_round)
         if result.client_eval is not None:
             row["client_eval_loss"] = result.client_eval.get("eval_loss")
             row["client_accuracy"] = result.client_eval.get("accuracy")
@@ -150,19 +159,25 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
                 "round": result.server_round,
                 "model": state_dict,
                 "strategy": strategy.state_dict(),
+                "driver": driver.state_dict() if driver is not None else {
+                    "clock": clock.state_dict() if clock is not None else None
+                },
                 "run_config": cfg.to_dict(),
             }
         )
         log.info("%s", progress_line(row, cfg.num_server_rounds))
 
-    run_sync(
-        grid,
-        strategy,
-        params,
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        on_round=on_round,
-    )
+    if driver is not None:
+        driver.run(grid, params, num_steps=cfg.num_server_rounds, on_round=on_round)
+    else:
+        run_sync(
+            grid,
+            strategy,
+            params,
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            on_round=on_round,
+        )
     plot_metrics(rows, run.path / "metrics.png", title=f"Pollen {run.path.name}")
     final = rows[-1] if rows else {}
     summary = {

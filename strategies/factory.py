@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fedserver.config import RunConfig
+from strategies.async_driver import AsyncDriver
+from strategies.codecs import Codec, CodecSpec, build_codec
 from strategies.server_optimizers import ServerOptimizerSpec, build_server_optimizer
+from strategies.staleness import StalenessPolicy
 from strategies.strategy import PollenStrategy
+from strategies.virtual_clock import ClockSpec, VirtualClock
 
 
 def server_optimizer_spec(cfg: RunConfig) -> ServerOptimizerSpec:
@@ -19,10 +25,58 @@ def server_optimizer_spec(cfg: RunConfig) -> ServerOptimizerSpec:
     )
 
 
+def codec_spec(cfg: RunConfig) -> CodecSpec:
+    return CodecSpec(
+        name=cfg.codec,
+        topk_ratio=cfg.topk_ratio,
+        co3_exponent_bits=cfg.co3_exponent_bits,
+        co3_mantissa_bits=cfg.co3_mantissa_bits,
+        co3_decay=cfg.co3_decay,
+        co3_scale_rule=cfg.co3_scale_rule,
+        error_feedback=cfg.error_feedback,
+        ef_decay=cfg.ef_decay,
+    )
+
+
+def build_codec_for(cfg: RunConfig) -> Codec:
+    """The codec both sides use: clients encode with it, the server decodes with it."""
+    return build_codec(codec_spec(cfg))
+
+
 def build_strategy(cfg: RunConfig) -> PollenStrategy:
     return PollenStrategy(
         optimizer=build_server_optimizer(server_optimizer_spec(cfg)),
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
+        codec=build_codec_for(cfg),
+    )
+
+
+def build_virtual_clock(cfg: RunConfig, node_ids: Iterable[int]) -> VirtualClock | None:
+    """The run's virtual clock over these nodes, or ``None`` with ``virtual-clock=false``."""
+    if not cfg.virtual_clock:
+        return None
+    spec = ClockSpec(
+        sigma=cfg.straggler_sigma,
+        straggler_fraction=cfg.straggler_fraction,
+        straggler_slowdown=cfg.straggler_slowdown,
+    )
+    return VirtualClock(spec, cfg.seed, node_ids)
+
+
+def build_async_driver(
+    cfg: RunConfig, strategy: PollenStrategy, clock: VirtualClock | None
+) -> AsyncDriver:
+    """The ``driver=async`` loop around ``strategy``'s optimizer and codec."""
+    return AsyncDriver(
+        strategy,
+        concurrency=cfg.concurrency,
+        policy=StalenessPolicy(
+            max_staleness=cfg.max_staleness,
+            weighting=cfg.staleness_weighting,
+            exponent=cfg.staleness_exponent,
+        ),
+        clock=clock,
+        timeout=cfg.round_timeout,
     )

@@ -56,9 +56,12 @@ class RoundStats:
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    payload_bytes: int = 0
+    bits_per_param: float = float("nan")  # uplink: 8 · encoded-update bytes / (clients · params)
     train_loss: float = float("nan")
     client_metrics: dict[str, float] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
+    cohort: list[int] = field(default_factory=list)  # node ids sent the round's model
 
 
 class PollenStrategy(Strategy):
@@ -114,7 +117,9 @@ class PollenStrategy(Strategy):
                 wire.CONFIG: self._round_config(server_round, config),
             }
         )
-        self.last_round = RoundStats(server_round=server_round, sampled=len(cohort))
+        self.last_round = RoundStats(
+            server_round=server_round, sampled=len(cohort), cohort=list(cohort)
+        )
         # Every client is sent the same content: bytes down are counted per recipient.
         self.last_round.bytes_down = wire.content_size(content) * len(cohort)
         return [
@@ -139,6 +144,7 @@ class PollenStrategy(Strategy):
                 log.warning("round %d: rejected update: %s", server_round, reason)
                 continue
             stats.bytes_up += update.bytes_up
+            stats.payload_bytes += update.payload_bytes
             total.add(update.delta, update.num_examples)
             client_metrics.add(update.metrics, update.num_examples)
             self.last_updates.append(update)
@@ -147,6 +153,8 @@ class PollenStrategy(Strategy):
         if total.count == 0:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, MetricRecord({"clients": 0, "rejected": stats.rejected})
+        num_params = sum(v.size for v in self._sent.values())
+        stats.bits_per_param = 8.0 * stats.payload_bytes / (total.count * num_params)
         mean_delta = total.mean()
         self.global_params = self.optimizer.step(self.global_params, mean_delta)
         stats.client_metrics = client_metrics.means()
@@ -157,6 +165,7 @@ class PollenStrategy(Strategy):
                 "rejected": stats.rejected,
                 "bytes_up": stats.bytes_up,
                 "bytes_down": stats.bytes_down,
+                "bits_per_param": stats.bits_per_param,
                 **{k: v for k, v in stats.client_metrics.items()},
             }
         )

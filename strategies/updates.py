@@ -30,7 +30,8 @@ class ClientUpdate:
     delta: Params
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    bytes_up: int = 0
+    bytes_up: int = 0  # the whole reply content, serialized
+    payload_bytes: int = 0  # the encoded update alone (update arrays + codec header), serialized
 
 
 def params_norm(params: Params) -> float:
@@ -73,7 +74,11 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
         raise UpdateRejected(f"node {node}: invalid '{wire.NUM_EXAMPLES}' {num_examples!r}")
 
     arrays = content.array_records
+    payload_bytes = 0
     if wire.UPDATE in arrays:
+        payload_bytes = wire.serialized_size(arrays[wire.UPDATE])
+        if wire.CODEC in content.config_records:
+            payload_bytes += wire.serialized_size(content.config_records[wire.CODEC])
         payload = {k: v.numpy() for k, v in arrays[wire.UPDATE].items()}
         header = dict(content.config_records.get(wire.CODEC, {}))
         if codec is None:
@@ -85,7 +90,9 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
             except ValueError as err:
                 raise UpdateRejected(f"node {node}: malformed {codec.name} payload: {err}") from None
     elif len(arrays) == 1:
-        model = {k: v.numpy() for k, v in next(iter(arrays.values())).items()}
+        record = next(iter(arrays.values()))
+        payload_bytes = wire.serialized_size(record)
+        model = {k: v.numpy() for k, v in record.items()}
         _check_shapes(node, model, sent)
         delta = {k: (model[k].astype(np.float32) - sent[k]) for k in sent}
     else:
@@ -107,6 +114,7 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
         num_examples=int(num_examples),
         metrics=clean_metrics,
         bytes_up=wire.content_size(content),
+        payload_bytes=payload_bytes,
     )
 
 

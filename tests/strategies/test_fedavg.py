@@ -18,7 +18,7 @@ from tests.support.inprocess_grid import InProcessGrid
 
 
 def _setup(overrides: dict, num_nodes: int):
-    raw = {"device": "cpu", "model": "logreg", **overrides}
+    raw = {"device": "cpu", "model": "logreg", "momentum": 0.0, **overrides}
     cfg = parse_run_config(raw)
     grid = InProcessGrid(client_app, num_nodes, run_config=raw)
     data = federated_data(data_spec(cfg), num_nodes)
