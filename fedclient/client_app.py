@@ -17,7 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
 from fedclient.device import pick_device
-from fedclient.encoding import UpdateEncoder
+from fedclient.encoding import UpdateEncoder, client_side_dp
+from fedclient.faults import FaultPlan
 from fedclient.pipeline import client_update
 from fedclient.state import state_store
 from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
@@ -45,6 +46,17 @@ def run_config(context: Context) -> RunConfig:
 def _encoder(cfg: RunConfig) -> UpdateEncoder:
     codec = build_codec_for(cfg)
     return UpdateEncoder(codec, build_error_feedback(codec_spec(cfg), codec))
+
+
+def fault_plan(cfg: RunConfig) -> FaultPlan:
+    return FaultPlan(
+        dropout_rate=cfg.fault_dropout_rate,
+        crash_rate=cfg.fault_crash_rate,
+        corrupt_rate=cfg.fault_corrupt_rate,
+        slow_rate=cfg.fault_slow_rate,
+        slow_seconds=cfg.fault_slow_seconds,
+        seed=cfg.seed,
+    )
 
 
 def client_identity(context: Context) -> tuple[int, int, str]:
@@ -81,8 +93,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
     client_id, x, y, model = _local_data(cfg, context)
     server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
+    round_config = msg.content[wire.CONFIG]
     sent = to_params(msg.content[wire.ARRAYS])
-    store = state_store(context)
+    transform = None
+    if round_config.get("dp-where") == "client":
+        transform = client_side_dp(float(round_config["dp-clip"]), str(round_config["dp-mode"]))
+    faults = fault_plan(cfg)
+    fault = faults.decide(server_round, client_id)
+    faults.before_training(fault)
+    store = state_store(context, client_id, cfg.run_name, cfg.client_state_dir)
     outcome = client_update(
         model,
         sent,
@@ -92,11 +111,13 @@ def train(msg: Message, context: Context) -> Message:
         seeded_generator(cfg.seed, server_round, client_id),
         encoder=_encoder(cfg),
         state=store.load(),
+        transform=transform,
     )
     store.save(outcome.state)
+    payload = faults.after_training(fault, outcome.payload, server_round, client_id)
     content = RecordDict(
         {
-            wire.UPDATE: to_arrayrecord(outcome.payload),
+            wire.UPDATE: to_arrayrecord(payload),
             wire.CODEC: ConfigRecord(outcome.header),
             wire.METRICS: MetricRecord(outcome.metrics),
             "client-info": ConfigRecord({"device": str(x.device.type)}),

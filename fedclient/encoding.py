@@ -42,11 +42,21 @@ class UpdateEncoder:
         self.error_feedback = error_feedback
         self.transform = transform
 
-    def encode(self, delta: Params, state: Params) -> tuple[dict[str, np.ndarray], dict, Params, dict[str, float]]:
-        """Return ``(payload, header, new_state, metrics)``."""
+    def encode(
+        self,
+        delta: Params,
+        state: Params,
+        transform: Callable[[Params], tuple[Params, dict[str, float]]] | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict, Params, dict[str, float]]:
+        """Return ``(payload, header, new_state, metrics)``.
+
+        ``transform`` (this round's, e.g. clipping to the server's current C) overrides the
+        encoder's own.
+        """
         metrics: dict[str, float] = {}
-        if self.transform is not None:
-            delta, extra = self.transform(delta)
+        transform = transform or self.transform
+        if transform is not None:
+            delta, extra = transform(delta)
             metrics.update(extra)
         if self.error_feedback is None:
             payload, header, _ = self.codec.encode(delta, {})
@@ -61,3 +71,19 @@ class UpdateEncoder:
             )
         metrics["payload_bytes"] = payload_nbytes(payload)
         return payload, header, new_state, metrics
+
+
+def client_side_dp(clip: float, mode: str) -> Callable[[Params], tuple[Params, dict[str, float]]]:
+    """Clip or normalize on the client (``dp-where=client``) before anything is encoded.
+
+    The codec and its error feedback then only ever see an update of norm ≤ C, so what the
+    server receives is a function of the bounded update alone. The client reports whether
+    its update was within C (``dp_unclipped``), which adaptive clipping needs.
+    """
+    from privacy.mechanisms import prepare_client_update
+
+    def transform(delta: Params) -> tuple[Params, dict[str, float]]:
+        bounded, unclipped = prepare_client_update(delta, clip=clip, mode=mode)
+        return bounded, {"dp_unclipped": float(unclipped)}
+
+    return transform

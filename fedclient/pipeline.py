@@ -40,6 +40,7 @@ def client_update(
     *,
     encoder=None,
     state: Params | None = None,
+    transform=None,
 ) -> ClientOutcome:
     """Train from ``sent`` and return the encoded delta ``trained − sent``.
 
@@ -50,6 +51,8 @@ def client_update(
         with error feedback). ``None`` sends the float32 delta as is.
     state : dict, optional
         This client's private state from earlier rounds (``{}`` the first time).
+    transform : callable, optional
+        This round's pre-encoding transform (client-side DP clipping to the current C).
     """
     start = time.perf_counter()
     set_params(model, sent)
@@ -65,6 +68,6 @@ def client_update(
     }
     if encoder is None:
         return ClientOutcome(payload=delta, header={}, metrics=metrics, state=dict(state or {}))
-    payload, header, new_state, extra = encoder.encode(delta, dict(state or {}))
+    payload, header, new_state, extra = encoder.encode(delta, dict(state or {}), transform)
     metrics.update(extra)
     return ClientOutcome(payload=payload, header=header, metrics=metrics, state=new_state)

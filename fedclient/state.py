@@ -1,8 +1,9 @@
 """Where a client's private state lives between rounds (error-feedback memory, DP accounting).
 
 * Simulation, one SuperNode per client: Flower's ``context.state`` (kept per node, per run).
-* Real devices: a state directory (``state-dir`` in the node config), written atomically, so
-  the state survives a SuperNode restart and is never seen half-written.
+* Real devices (``state-dir`` in the node config) and simulations that must survive a resume
+  (``client-state-dir`` run-config key): a directory, one file per client and run name,
+  written atomically, so the state survives a restart and is never seen half-written.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ class ContextStateStore:
         return {} if record is None else {k: v.numpy() for k, v in record.items()}
 
     def save(self, state: Params) -> None:
+        # Not np.ascontiguousarray: it turns a 0-d array (a counter) into shape (1,).
         self.context.state[STATE_RECORD] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+            {k: Array(np.asarray(v, order="C")) for k, v in state.items()}
         )
 
 
 class DirectoryStateStore:
-    """Client state in ``<state-dir>/<run id>/client-state.npz`` on the device."""
+    """Client state in ``<directory>/<run>/client-<id>.npz``."""
 
-    def __init__(self, directory: str | Path, run_id: int | str) -> None:
-        self.path = Path(directory).expanduser() / str(run_id) / "client-state.npz"
+    def __init__(self, directory: str | Path, run: str, client_id: int) -> None:
+        self.path = Path(directory).expanduser() / run / f"client-{client_id}.npz"
 
     def load(self) -> Params:
         if not self.path.exists():
@@ -59,9 +61,14 @@ class DirectoryStateStore:
         os.replace(tmp, self.path)
 
 
-def state_store(context: Context) -> ContextStateStore | DirectoryStateStore:
-    """The store for this node: a state directory if the node config names one."""
-    directory = str(context.node_config.get("state-dir", ""))
+def state_store(
+    context: Context, client_id: int, run_name: str = "", state_dir: str = ""
+) -> ContextStateStore | DirectoryStateStore:
+    """The store for this client: a directory if the node or run config names one.
+
+    The run name (stable across a resume, unlike Flower's run id) keys the directory.
+    """
+    directory = str(context.node_config.get("state-dir", "")) or state_dir
     if directory:
-        return DirectoryStateStore(directory, context.run_id)
+        return DirectoryStateStore(directory, run_name or str(context.run_id), client_id)
     return ContextStateStore(context)

@@ -14,7 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedserver.certs import add_certs_command
 from fedserver.config import ConfigError, parse_overrides, parse_run_config
+from privacy.cli import add_privacy_commands
+from simulations.bench import add_bench_commands
 
 DEFAULT_FEDERATION = {"num-supernodes": 10, "client-resources-num-cpus": 1}
 
@@ -68,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     summary_path = run_dir / "summary.json"
-    if outcome.returncode != 0 or not summary_path.exists():
+    if not outcome.succeeded or not summary_path.exists():
         print(
             f"pollen: error: the run did not complete (status {outcome.status}); "
             f"see the log above and {run_dir}",
@@ -121,16 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--check", nargs="*", help="validate overrides and print the resolved config")
     config.set_defaults(func=cmd_config)
 
-    for module, hook in (
-        ("fedserver.certs", "add_certs_command"),
-        ("privacy.cli", "add_privacy_commands"),
-        ("simulations.bench", "add_bench_commands"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[hook])
-        except ImportError:
-            continue
-        getattr(mod, hook)(sub)
+    add_certs_command(sub)
+    add_privacy_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

@@ -60,6 +60,11 @@ DRIVERS = ("sync", "async")
 STALENESS_WEIGHTINGS = ("constant", "polynomial")
 CODECS = ("none", "fp16", "bf16", "topk", "sign", "co3")
 CO3_SCALE_RULES = ("paper", "mse")
+SHORT_ROUND_POLICIES = ("skip", "retry")
+DP_MODES = ("off", "clip", "normalize")
+DP_WHERE = ("server", "client")
+DP_SAMPLING = ("poisson", "fixed")
+DP_ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass(frozen=True)
@@ -288,6 +293,123 @@ class RunConfig:
         low=0.0, high=1.0, section="compression",
     )
 
+    # --- differential privacy -----------------------------------------------------------
+    dp: str = _key(
+        "off",
+        "User-level DP aggregation: clip (D*min(1, C/|D|)) or normalize (C*D/|D|) each client "
+        "update, add Gaussian noise z*C to the sum, divide by the expected cohort size.",
+        choices=DP_MODES, section="privacy",
+    )
+    dp_clip: float = _key(
+        1.0, "C: L2 bound of one client's update (initial C with dp-adaptive).",
+        low=0.0, low_open=True, section="privacy",
+    )
+    dp_noise_multiplier: float = _key(
+        1.0, "z: noise std on the update sum is z*C (0: bounded updates, no privacy).",
+        low=0.0, section="privacy",
+    )
+    dp_delta: float = _key(
+        1e-5, "delta of the reported (epsilon, delta) guarantee; choose <= 1/population.",
+        low=0.0, high=1.0, low_open=True, high_open=True, section="privacy",
+    )
+    dp_where: str = _key(
+        "server",
+        "Who clips/normalizes: the trusted server, or each client before encoding (the "
+        "server verifies the bound and adds the noise).",
+        choices=DP_WHERE, section="privacy",
+    )
+    dp_adaptive: bool = _key(
+        False, "Adaptive clipping toward dp-target-quantile (Andrew et al. 2021; dp=clip).",
+        section="privacy",
+    )
+    dp_target_quantile: float = _key(
+        0.5, "Fraction of updates adaptive clipping leaves unclipped.",
+        low=0.0, high=1.0, low_open=True, high_open=True, section="privacy",
+    )
+    dp_clip_lr: float = _key(
+        0.2, "Geometric learning rate of the adaptive clip norm.",
+        low=0.0, low_open=True, section="privacy",
+    )
+    dp_sampling: str = _key(
+        "poisson",
+        "Cohort sampling the accountant analyses: each client joins with probability q = "
+        "clients-per-round/population (poisson), or exactly clients-per-round of them (fixed).",
+        choices=DP_SAMPLING, section="privacy",
+    )
+    dp_population: int = _key(
+        0, "N, the clients cohorts are drawn from (0: every connected client).", low=0,
+        section="privacy",
+    )
+    dp_accountant: str = _key(
+        "rdp", "Privacy accountant: RDP, or PRV/PLD (tighter; use it with dp-sampling=fixed).",
+        choices=DP_ACCOUNTANTS, section="privacy",
+    )
+    dp_target_epsilon: float = _key(
+        0.0, "Stop before the round whose release would exceed this epsilon (0: no budget).",
+        low=0.0, section="privacy",
+    )
+
+    # --- reliability --------------------------------------------------------------------
+    max_update_norm: float = _key(
+        100.0,
+        "Reject client updates whose L2 norm exceeds this (0: no limit); well above the "
+        "norms of healthy updates (~0.1-10 here), far below exploded or malicious ones.",
+        low=0.0, section="reliability",
+    )
+    max_payload_bytes: int = _key(
+        0,
+        "Reject replies whose encoded update is larger than this many bytes (0: four times "
+        "the float32 size of the model).",
+        low=0, section="reliability",
+    )
+    min_replies: int = _key(
+        1, "Fewest valid updates with which a round updates the model.", low=1,
+        section="reliability",
+    )
+    short_round: str = _key(
+        "skip",
+        "A round with fewer than min-replies valid updates: keep the model and go on (skip), "
+        "or resample a fresh cohort up to max-round-retries times (retry), then skip.",
+        choices=SHORT_ROUND_POLICIES, section="reliability",
+    )
+    max_round_retries: int = _key(
+        2, "Retries of a short round when short-round=retry.", low=0, section="reliability"
+    )
+    resume: bool = _key(
+        False,
+        "Continue the run in output-dir/run-name from its last checkpoint (same seed gives "
+        "the same trajectory).",
+        section="reliability",
+    )
+    client_state_dir: str = _key(
+        "",
+        "Directory for clients' private state (error-feedback memory, DP-SGD accounting); "
+        "empty: Flower's per-run context.state, which a resumed run does not get back.",
+        section="reliability",
+    )
+    fault_dropout_rate: float = _key(
+        0.0, "Simulation: probability that a sampled client drops out (replies with an error).",
+        low=0.0, high=1.0, section="faults",
+    )
+    fault_crash_rate: float = _key(
+        0.0, "Simulation: probability that a sampled client crashes during training.",
+        low=0.0, high=1.0, section="faults",
+    )
+    fault_corrupt_rate: float = _key(
+        0.0,
+        "Simulation: probability that a client sends a corrupt update (NaN, wrong shape or "
+        "a huge norm).",
+        low=0.0, high=1.0, section="faults",
+    )
+    fault_slow_rate: float = _key(
+        0.0, "Simulation: probability that a client is slow by fault-slow-seconds.",
+        low=0.0, high=1.0, section="faults",
+    )
+    fault_slow_seconds: float = _key(
+        5.0, "Simulation: extra seconds a slow client takes (exceed round-timeout to drop it).",
+        low=0.0, section="faults",
+    )
+
     # ------------------------------------------------------------------------------------
     @property
     def train_steps_fixed(self) -> bool:
@@ -446,6 +568,18 @@ def _check_cross_key_rules(cfg: RunConfig) -> None:
             "run-config key 'straggler-fraction' needs virtual-clock=true (stragglers are "
             f"simulated by the virtual clock), got {cfg.straggler_fraction}"
         )
+    fault_total = cfg.fault_dropout_rate + cfg.fault_crash_rate + cfg.fault_corrupt_rate + cfg.fault_slow_rate
+    if fault_total > 1.0:
+        raise ConfigError(
+            "run-config keys 'fault-dropout-rate' + 'fault-crash-rate' + 'fault-corrupt-rate' + "
+            f"'fault-slow-rate' must add up to at most 1, got {fault_total:g}"
+        )
+    if cfg.dp_adaptive and cfg.dp != "clip":
+        raise ConfigError(f"run-config key 'dp-adaptive' needs dp='clip', got dp={cfg.dp!r}")
+    if cfg.dp != "off" and cfg.driver == "async":
+        raise ConfigError("run-config key 'dp' is not supported with driver='async' (sync rounds only)")
+    if cfg.resume and not cfg.run_name:
+        raise ConfigError("run-config key 'resume' needs 'run-name' (the run to continue)")
     if cfg.nesterov and cfg.strategy != "block-momentum":
         raise ConfigError(
             "run-config key 'nesterov' is only allowed with strategy='block-momentum', "

@@ -16,8 +16,9 @@ Facts about Flower 1.42 this module relies on (checked against the installed pac
   ``--control-api-address`` is deprecated, so one port per SuperLink suffices.
 - With ``--isolation subprocess`` the SuperLink spawns ``flower-superexec`` *in a new session*
   (its own process group); SuperExec runs ``flwr-simulation`` and Ray in *that* group. Killing
-  the SuperLink's group alone leaves the simulation and Ray running, so both groups are
-  recorded and stopped.
+  the SuperLink's group alone leaves the simulation and Ray running (and if the SuperLink
+  dies, they are orphaned), so the groups are recorded while the tree is intact and all
+  of them are stopped.
 - ServerApp and ClientApp processes inherit the SuperLink's environment and working
   directory, not those of the ``flwr run`` process. Extra environment variables for the apps
   must therefore be given to :func:`local_superlink`, and relative paths in the run config
@@ -196,8 +197,8 @@ def local_superlink(
     -----
     Flower's telemetry and update check and Ray's usage statistics are turned off unless
     the caller's environment sets ``FLWR_TELEMETRY_ENABLED``, ``FLWR_DISABLE_UPDATE_CHECK``
-    or ``RAY_USAGE_STATS_ENABLED``. If this Python process
-    is killed with SIGKILL no cleanup can run; the log file names the process groups.
+    or ``RAY_USAGE_STATS_ENABLED``. If this Python process is killed with SIGKILL no
+    cleanup can run; the log file names the process groups to ``kill -- -PGID``.
     """
     flwr_home = Path(flwr_home).expanduser().resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -584,7 +585,7 @@ def run_app(
             if overrides is not None:
                 argument = _overrides_argument(overrides, flag, link.flwr_home)
                 command += [flag, stack.enter_context(argument)]
-        returncode, output = _run_streaming(command, link.env, timeout, stream, link)
+        returncode, output = _run_streaming(command, link, timeout, stream)
     log = _ANSI_ESCAPE.sub("", output)
     match = _RUN_ID_PATTERN.search(log)
     if match is None:
@@ -624,12 +625,11 @@ def _overrides_argument(
 
 
 def _run_streaming(
-    command: list[str], env: Mapping[str, str], timeout: float | None, stream: bool,
-    link: SuperLinkHandle,
+    command: list[str], link: SuperLinkHandle, timeout: float | None, stream: bool
 ) -> tuple[int, str]:
     """Run ``flwr run``, collect (and optionally echo) its output; enforce ``timeout``."""
     proc = subprocess.Popen(
-        command, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        command, env=dict(link.env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, errors="replace",
     )
     lines: list[str] = []

@@ -23,6 +23,8 @@ from fedclient.components import data_spec, federated_data, new_model
 from fedclient.training import as_tensors, evaluate, get_params, set_params
 from fedserver.config import ConfigError, RunConfig, parse_run_config
 from fedserver.plots import plot_metrics
+from fedserver.resume import load_resume_point
+from privacy.report import write_report
 from fedserver.run_dir import RunDirectory
 from strategies.async_driver import AsyncRoundResult
 from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
@@ -72,8 +74,10 @@ def progress_line(row: dict, num_rounds: int) -> str:
         f"eval_loss {num('eval_loss', '.4f')} | train_loss {num('train_loss', '.4f')} | "
         f"clients {row['clients']}"
         + (f" (rejected {row['rejected']})" if row.get("rejected") else "")
+        + (f" (failed {row['failed']})" if row.get("failed") else "")
         + f" | up {_format_bytes(row['bytes_up'])} down {_format_bytes(row['bytes_down'])}"
-        f" | {row['wall_s']:.2f} s"
+        + (f" | eps {row['epsilon']:.3g}" if row.get("epsilon") is not None else "")
+        + f" | {row['wall_s']:.2f} s"
     )
 
 
@@ -82,17 +86,17 @@ def main(grid: Grid, context: Context) -> None:
     _setup_logging()
     try:
         cfg = parse_run_config(context.run_config)
-    except ConfigError as err:
+        run_pollen(grid, cfg, run_id=context.run_id)
+    except (ConfigError, FileExistsError) as err:
         log.error("%s", err)
         raise SystemExit(2) from None
-    run_pollen(grid, cfg, run_id=context.run_id)
 
 
 def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirectory:
     """Run a whole federated training as configured and return its run directory."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id)
+    run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id, exist_ok=cfg.resume)
     node_ids = sorted(grid.get_node_ids())
     num_nodes = len(node_ids)
     log.info("run directory: %s (%d nodes connected)", run.path.resolve(), num_nodes)
@@ -116,7 +120,7 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     params = get_params(model)
     num_params = int(sum(v.size for v in params.values()))
     evaluator = CentralEvaluator(cfg, test.x, test.y, model)
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, run.path)
     strategy.summary()
     clock = build_virtual_clock(cfg, node_ids)
     driver = build_async_driver(cfg, strategy, clock) if cfg.driver == "async" else None
@@ -126,6 +130,17 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     )
 
     rows: list[dict] = []
+    start_round = 1
+    if cfg.resume:
+        point = load_resume_point(run, cfg)
+        params, start_round, rows = point.params, point.start_round, point.rows
+        strategy.load_state_dict(point.strategy_state)
+        if point.driver_state is not None:
+            if driver is not None:
+                driver.load_state_dict(point.driver_state)
+            elif clock is not None and point.driver_state.get("clock") is not None:
+                clock.load_state_dict(point.driver_state["clock"])
+        log.info("resuming %s at round %d", run.path, start_round)
 
     def on_round(result: RoundResult) -> None:
         eval_loss, accuracy = evaluator(result.params)
@@ -138,6 +153,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             "clients": stats.clients,
             "sampled": stats.sampled,
             "rejected": stats.rejected,
+            "failed": stats.failed,
+            "missing": stats.missing,
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "bits_per_param": stats.bits_per_param,
@@ -147,6 +164,7 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             row.update(result.metrics())
         elif clock is not None:
             row["sim_time"] = clock.advance_round(stats.cohort, result.server_round)
+        row.update(stats.privacy_metrics)
         if result.client_eval is not None:
             row["client_eval_loss"] = result.client_eval.get("eval_loss")
             row["client_accuracy"] = result.client_eval.get("accuracy")
@@ -175,10 +193,18 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             strategy,
             params,
             num_rounds=cfg.num_server_rounds,
+            start_round=start_round,
             timeout=cfg.round_timeout,
             on_round=on_round,
+            max_retries=cfg.max_round_retries if cfg.short_round == "retry" else 0,
         )
     plot_metrics(rows, run.path / "metrics.png", title=f"Pollen {run.path.name}")
+    if cfg.dp != "off":
+        report = write_report(run.path)
+        log.info(
+            "privacy: epsilon %.4g at delta %g after %d releases → %s",
+            report["epsilon"], report["delta"], report["rounds"], run.path / "privacy" / "report.md",
+        )
     final = rows[-1] if rows else {}
     summary = {
         "run_name": run.path.name,

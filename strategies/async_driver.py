@@ -453,7 +453,7 @@ class AsyncDriver:
         """Drop, reject or apply one job's reply; return the global model and whether it moved."""
         if self.clock is not None:
             self.clock.advance_to(job.sim_finish)
-        if reply is not None:
+        if reply is not None and reply.has_content():
             block.bytes_up += wire.content_size(reply.content)
         staleness = self.version - job.version
         if not self.policy.accept(staleness):

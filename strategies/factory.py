@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pathlib import Path
+
 from fedserver.config import RunConfig
+from privacy.ledger import PrivacyLedger
+from privacy.mechanisms import DpSpec
 from strategies.async_driver import AsyncDriver
 from strategies.codecs import Codec, CodecSpec, build_codec
 from strategies.server_optimizers import ServerOptimizerSpec, build_server_optimizer
 from strategies.staleness import StalenessPolicy
+from strategies.private_aggregation import PrivateAggregation
 from strategies.strategy import PollenStrategy
+from strategies.updates import UpdateLimits
 from strategies.virtual_clock import ClockSpec, VirtualClock
 
 
@@ -43,13 +49,44 @@ def build_codec_for(cfg: RunConfig) -> Codec:
     return build_codec(codec_spec(cfg))
 
 
-def build_strategy(cfg: RunConfig) -> PollenStrategy:
+def dp_spec(cfg: RunConfig) -> DpSpec:
+    return DpSpec(
+        mode=cfg.dp,
+        clip=cfg.dp_clip,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        delta=cfg.dp_delta,
+        where=cfg.dp_where,
+        adaptive=cfg.dp_adaptive,
+        target_quantile=cfg.dp_target_quantile,
+        clip_lr=cfg.dp_clip_lr,
+        sampling=cfg.dp_sampling,
+        population=cfg.dp_population,
+        accountant=cfg.dp_accountant,
+        target_epsilon=cfg.dp_target_epsilon,
+    )
+
+
+def build_strategy(cfg: RunConfig, run_dir: Path | None = None) -> PollenStrategy:
+    """The run's strategy; with DP on, its ledger goes to ``<run_dir>/privacy/ledger.jsonl``."""
+    privacy = None
+    if cfg.dp != "off":
+        privacy = PrivateAggregation(
+            dp_spec(cfg),
+            clients_per_round=cfg.clients_per_round,
+            seed=cfg.seed,
+            ledger_path=None if run_dir is None else PrivacyLedger.for_run(run_dir).path,
+        )
     return PollenStrategy(
         optimizer=build_server_optimizer(server_optimizer_spec(cfg)),
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
         codec=build_codec_for(cfg),
+        limits=UpdateLimits(
+            max_update_norm=cfg.max_update_norm, max_payload_bytes=cfg.max_payload_bytes
+        ),
+        min_replies=cfg.min_replies,
+        privacy=privacy,
     )
 
 

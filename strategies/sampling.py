@@ -27,8 +27,12 @@ class FixedSizeSampler:
         self.clients_per_round = clients_per_round
         self.seed = seed
 
-    def sample(self, server_round: int, clients: Sequence[int]) -> list[int]:
+    def sample(self, server_round: int, clients: Sequence[int], attempt: int = 0) -> list[int]:
+        """The round's cohort; a retry (``attempt`` > 0) draws an independent one."""
         ordered = sorted(clients)
         m = min(self.clients_per_round, len(ordered))
-        idx = round_rng(self.seed, server_round).choice(len(ordered), size=m, replace=False)
+        rng = round_rng(self.seed, server_round) if attempt == 0 else np.random.default_rng(
+            [self.seed, server_round, 0, attempt]
+        )
+        idx = rng.choice(len(ordered), size=m, replace=False)
         return [ordered[i] for i in sorted(idx)]

@@ -28,8 +28,9 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies import wire
 from strategies.aggregation import RunningWeightedSum, WeightedScalars
+from strategies.private_aggregation import PrivateAggregation
 from strategies.sampling import FixedSizeSampler, round_rng
-from strategies.updates import ClientUpdate, UpdateRejected, decode_reply
+from strategies.updates import ClientUpdate, UpdateLimits, UpdateRejected, decode_reply
 
 log = logging.getLogger("pollen")
 
@@ -53,7 +54,11 @@ class RoundStats:
     server_round: int
     sampled: int = 0
     clients: int = 0
-    rejected: int = 0
+    rejected: int = 0  # replies that arrived but were invalid
+    failed: int = 0  # error replies (client crashed or dropped out)
+    missing: int = 0  # sampled clients whose reply never arrived (timeout)
+    attempt: int = 0  # retries of this round after too few valid updates
+    applied: bool = False  # whether the round changed the global model
     bytes_up: int = 0
     bytes_down: int = 0
     payload_bytes: int = 0
@@ -62,6 +67,7 @@ class RoundStats:
     client_metrics: dict[str, float] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
     cohort: list[int] = field(default_factory=list)  # node ids sent the round's model
+    privacy_metrics: dict[str, float] = field(default_factory=dict)  # epsilon, delta, dp_*
 
 
 class PollenStrategy(Strategy):
@@ -81,6 +87,16 @@ class PollenStrategy(Strategy):
         Fraction of connected nodes asked to evaluate the global model each round.
     train_config : dict, optional
         Extra values sent to clients in the ``config`` ConfigRecord every round.
+    limits : UpdateLimits, optional
+        Payload-size and norm bounds; a reply outside them is rejected (logged, counted).
+    min_replies : int, default 1
+        Fewest valid updates with which a round changes the global model; with fewer the
+        model is left unchanged for that round (the driver may retry it). Not used with
+        ``privacy``: a DP round always releases its noised sum, whatever the turnout.
+    privacy : PrivateAggregation, optional
+        Central DP: replaces cohort sampling and the example-weighted mean by DP sampling and
+        the clipped/normalized, noised sum over a fixed denominator (see
+        :mod:`strategies.private_aggregation`).
     """
 
     def __init__(
@@ -92,8 +108,17 @@ class PollenStrategy(Strategy):
         codec=None,
         fraction_evaluate: float = 0.0,
         train_config: dict | None = None,
+        limits: UpdateLimits | None = None,
+        min_replies: int = 1,
+        privacy: PrivateAggregation | None = None,
     ) -> None:
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         self.optimizer = optimizer
+        self.limits = limits
+        self.min_replies = min_replies
+        self.privacy = privacy
+        self.attempt = 0
         self.sampler = FixedSizeSampler(clients_per_round, seed)
         self.seed = seed
         self.codec = codec
@@ -110,15 +135,19 @@ class PollenStrategy(Strategy):
     ) -> Iterable[Message]:
         self.global_params = to_params(arrays)
         self._sent = self.optimizer.send_point(self.global_params)
-        cohort = self.sampler.sample(server_round, list(grid.get_node_ids()))
-        content = RecordDict(
-            {
-                wire.ARRAYS: to_arrayrecord(self._sent),
-                wire.CONFIG: self._round_config(server_round, config),
-            }
-        )
+        node_ids = list(grid.get_node_ids())
+        round_config = self._round_config(server_round, config)
+        if self.privacy is not None:
+            if not self.privacy.ready:
+                self.privacy.setup(node_ids)
+            cohort = self.privacy.cohort(server_round)
+            for k, v in self.privacy.client_config().items():
+                round_config[k] = v
+        else:
+            cohort = self.sampler.sample(server_round, node_ids, attempt=self.attempt)
+        content = RecordDict({wire.ARRAYS: to_arrayrecord(self._sent), wire.CONFIG: round_config})
         self.last_round = RoundStats(
-            server_round=server_round, sampled=len(cohort), cohort=list(cohort)
+            server_round=server_round, sampled=len(cohort), cohort=list(cohort), attempt=self.attempt
         )
         # Every client is sent the same content: bytes down are counted per recipient.
         self.last_round.bytes_down = wire.content_size(content) * len(cohort)
@@ -135,38 +164,66 @@ class PollenStrategy(Strategy):
         total = RunningWeightedSum()
         client_metrics = WeightedScalars()
         self.last_updates = []
+        received = 0
         for reply in replies:
+            received += 1
+            if reply.has_error():
+                stats.failed += 1
+                stats.rejections.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                log.warning(
+                    "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
             try:
-                update = decode_reply(reply, self._sent, self.codec)
+                update = decode_reply(reply, self._sent, self.codec, self.limits)
             except UpdateRejected as reason:
                 stats.rejected += 1
                 stats.rejections.append(str(reason))
                 log.warning("round %d: rejected update: %s", server_round, reason)
                 continue
+            if self.privacy is not None:
+                try:
+                    self.privacy.add(update)
+                except UpdateRejected as reason:
+                    stats.rejected += 1
+                    stats.rejections.append(str(reason))
+                    log.warning("round %d: rejected update: %s", server_round, reason)
+                    continue
             stats.bytes_up += update.bytes_up
             stats.payload_bytes += update.payload_bytes
             total.add(update.delta, update.num_examples)
             client_metrics.add(update.metrics, update.num_examples)
             self.last_updates.append(update)
         stats.clients = total.count
+        stats.missing = max(0, stats.sampled - received)
         self.last_round = stats
-        if total.count == 0:
-            log.warning("round %d: no valid update; the global model is unchanged", server_round)
-            return None, MetricRecord({"clients": 0, "rejected": stats.rejected})
+        summary = {"clients": stats.clients, "rejected": stats.rejected, "failed": stats.failed,
+                   "missing": stats.missing}
+        if self.privacy is None and total.count < self.min_replies:
+            log.warning(
+                "round %d: %d valid update(s), fewer than min-replies=%d; the global model is "
+                "unchanged", server_round, total.count, self.min_replies,
+            )
+            return None, MetricRecord(summary)
         num_params = sum(v.size for v in self._sent.values())
-        stats.bits_per_param = 8.0 * stats.payload_bytes / (total.count * num_params)
-        mean_delta = total.mean()
+        stats.bits_per_param = 8.0 * stats.payload_bytes / max(total.count * num_params, 1)
+        if self.privacy is not None:
+            mean_delta, stats.privacy_metrics = self.privacy.release(server_round, self._sent)
+        else:
+            mean_delta = total.mean()
         self.global_params = self.optimizer.step(self.global_params, mean_delta)
+        stats.applied = True
         stats.client_metrics = client_metrics.means()
         stats.train_loss = stats.client_metrics.get("train_loss", float("nan"))
         record = MetricRecord(
             {
-                "clients": stats.clients,
-                "rejected": stats.rejected,
+                **summary,
                 "bytes_up": stats.bytes_up,
                 "bytes_down": stats.bytes_down,
                 "bits_per_param": stats.bits_per_param,
-                **{k: v for k, v in stats.client_metrics.items()},
+                **stats.client_metrics,
+                **stats.privacy_metrics,
             }
         )
         return to_arrayrecord(self.global_params), record
@@ -215,10 +272,15 @@ class PollenStrategy(Strategy):
     # --- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:
         """Server-side state other than the global model (for checkpoints)."""
-        return {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.privacy is not None:
+            state["privacy"] = self.privacy.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy", {}))
 
     # --- helpers ------------------------------------------------------------------------
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:

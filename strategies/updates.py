@@ -34,12 +34,30 @@ class ClientUpdate:
     payload_bytes: int = 0  # the encoded update alone (update arrays + codec header), serialized
 
 
+@dataclass(frozen=True)
+class UpdateLimits:
+    """Bounds a reply must respect to be aggregated (0 disables a bound).
+
+    ``max_update_norm`` catches exploding or malicious updates (a scaled model-replacement
+    attack needs a large norm); ``max_payload_bytes`` refuses oversized replies before any
+    decoding work is spent on them.
+    """
+
+    max_update_norm: float = 0.0
+    max_payload_bytes: int = 0  # 0: four times the model's float32 size, plus 64 kB
+
+    def payload_limit(self, num_params: int) -> int:
+        return self.max_payload_bytes or 16 * num_params + 65_536
+
+
 def params_norm(params: Params) -> float:
     """Global L2 norm over all arrays (float64 accumulation)."""
     return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in params.values())))
 
 
-def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
+def decode_reply(
+    reply: Message, sent: Params, codec=None, limits: UpdateLimits | None = None
+) -> ClientUpdate:
     """Decode and validate one train reply.
 
     Parameters
@@ -51,12 +69,15 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
         The exact point this client was sent; the reference for deltas and shapes.
     codec : Codec, optional
         Decoder for Pollen payloads (``None``: plain float32 deltas).
+    limits : UpdateLimits, optional
+        Payload-size and update-norm bounds.
 
     Raises
     ------
     UpdateRejected
         On an error reply, missing records, wrong keys/shapes/dtypes, non-finite values,
-        a malformed codec payload, or a missing/invalid ``num-examples``.
+        a malformed codec payload, a missing/invalid ``num-examples``, an oversized payload
+        or an update norm above the limit.
     """
     node = reply.metadata.src_node_id
     if reply.has_error():
@@ -74,12 +95,28 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
         raise UpdateRejected(f"node {node}: invalid '{wire.NUM_EXAMPLES}' {num_examples!r}")
 
     arrays = content.array_records
-    payload_bytes = 0
     if wire.UPDATE in arrays:
-        payload_bytes = wire.serialized_size(arrays[wire.UPDATE])
+        record = arrays[wire.UPDATE]
+        payload_bytes = wire.serialized_size(record)
         if wire.CODEC in content.config_records:
             payload_bytes += wire.serialized_size(content.config_records[wire.CODEC])
-        payload = {k: v.numpy() for k, v in arrays[wire.UPDATE].items()}
+    elif len(arrays) == 1:
+        record = next(iter(arrays.values()))
+        payload_bytes = wire.serialized_size(record)
+    else:
+        raise UpdateRejected(
+            f"node {node}: reply must hold an '{wire.UPDATE}' ArrayRecord or exactly one "
+            f"ArrayRecord with the full model, got {sorted(arrays)}"
+        )
+    # Size is checked before any decoding work is spent on the payload.
+    if limits is not None:
+        limit = limits.payload_limit(sum(v.size for v in sent.values()))
+        if payload_bytes > limit:
+            raise UpdateRejected(
+                f"node {node}: payload of {payload_bytes} bytes exceeds the limit of {limit} bytes"
+            )
+    if wire.UPDATE in arrays:
+        payload = {k: v.numpy() for k, v in record.items()}
         header = dict(content.config_records.get(wire.CODEC, {}))
         if codec is None:
             delta = payload
@@ -89,22 +126,21 @@ def decode_reply(reply: Message, sent: Params, codec=None) -> ClientUpdate:
                 delta = codec.decode(payload, header, like)
             except ValueError as err:
                 raise UpdateRejected(f"node {node}: malformed {codec.name} payload: {err}") from None
-    elif len(arrays) == 1:
-        record = next(iter(arrays.values()))
-        payload_bytes = wire.serialized_size(record)
+    else:  # a stock Flower client: its full model, made a delta against what it was sent
         model = {k: v.numpy() for k, v in record.items()}
         _check_shapes(node, model, sent)
         delta = {k: (model[k].astype(np.float32) - sent[k]) for k in sent}
-    else:
-        raise UpdateRejected(
-            f"node {node}: reply must hold an '{wire.UPDATE}' ArrayRecord or exactly one "
-            f"ArrayRecord with the full model, got {sorted(arrays)}"
-        )
     _check_shapes(node, delta, sent)
     for k, v in delta.items():
         if not np.all(np.isfinite(v)):
             raise UpdateRejected(f"node {node}: non-finite values in '{k}'")
     delta = {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
+    if limits is not None and limits.max_update_norm:
+        norm = params_norm(delta)
+        if norm > limits.max_update_norm:
+            raise UpdateRejected(
+                f"node {node}: update norm {norm:.4g} exceeds max-update-norm {limits.max_update_norm:g}"
+            )
     clean_metrics = {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != wire.NUM_EXAMPLES
     }

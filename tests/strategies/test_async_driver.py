@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedclient.client_app import app as client_app
 from fedclient.components import data_spec, federated_data, new_model
@@ -111,7 +111,7 @@ def test_tau0_concurrency1_equals_sync_amsgrad_with_one_client_per_round():
 
     assert async_grid.delivered == sync_grid.delivered  # same client each round/step
     assert len(set(sync_grid.delivered)) > 1
-    assert not np.allclose(got["weight"], start["weight"])
+    assert not all(np.allclose(got[k], start[k]) for k in start)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
     for key, value in sync_strategy.optimizer.state_dict().items():
@@ -153,8 +153,8 @@ def test_no_accepted_update_is_staler_than_tau(weighting):
     sim_times = [a.sim_time for a in arrivals]
     assert sim_times == sorted(sim_times)
     assert [r.sim_time for r in results] == [r.arrivals[-1].sim_time for r in results]
-    busy = [job.node_id for job in driver.in_flight]
-    assert len(busy) == len(set(busy)) == 4
+    busy = [job.node_id for job in driver.in_flight]  # no new job after the last step
+    assert len(busy) == len(set(busy)) == 3
 
 
 # ---------------------------------------------------------------- version bookkeeping
@@ -187,28 +187,22 @@ def test_scripted_arrival_order_gives_the_expected_versions_and_deltas():
     assert all(r.sim_time is None and "sim_time" not in r.metrics() for r in results)
 
     # Replay: x_{k+1} = x_k + (client(x_j) − x_j) with FedAvg at server lr 1.
-    cfg, replay_grid, start = _setup(overrides, num_nodes=5)
+    _, replay_grid, start = _setup(overrides, num_nodes=5)
     models = [start]
     for a in _arrivals(results):
         if a.outcome != ACCEPTED:
             continue
         sent = models[a.version]
-        config = {"server-round": a.dispatch}
+        config = ConfigRecord({"server-round": a.dispatch})
         msg = Message(
-            RecordDict({wire.ARRAYS: to_arrayrecord(sent), wire.CONFIG: run_config_record(config)}),
-            dst_node_id=a.node_id, message_type="train",
+            RecordDict({wire.ARRAYS: to_arrayrecord(sent), wire.CONFIG: config}),
+            dst_node_id=a.node_id, message_type=MessageType.TRAIN,
         )
         (reply,) = replay_grid.send_and_receive([msg])
         trained_delta = to_params(reply.content[wire.UPDATE])
         models.append({k: models[-1][k] + trained_delta[k] for k in start})
     for key in final:
         np.testing.assert_allclose(final[key], models[-1][key], rtol=0, atol=1e-6)
-
-
-def run_config_record(values: dict):
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord(values)
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -247,8 +241,10 @@ def test_resume_from_a_checkpoint_continues_the_same_trajectory(tmp_path):
 
     grid, start, strategy, driver = fresh()
     path = tmp_path / "checkpoint.pt"
+    partial_results = []
 
     def save_and_stop(result):
+        partial_results.append(result)
         if result.server_round == stop:
             torch.save(
                 {"model": result.params, "strategy": strategy.state_dict(), "driver": driver.state_dict()},
@@ -270,11 +266,7 @@ def test_resume_from_a_checkpoint_continues_the_same_trajectory(tmp_path):
 
     for key in full:
         np.testing.assert_array_equal(resumed[key], full[key])
-    after = [a for a in _arrivals(full_results) if a.server_step > stop or a.dispatch > min(
-        j["dispatch"] for j in checkpoint["driver"]["jobs"]) - 1 and a.server_step >= stop]
-    assert _arrivals(resumed_results) == [
-        a for a in _arrivals(full_results) if a not in _arrivals(full_results)[: len(_arrivals(full_results)) - len(after)]
-    ]
+    assert _arrivals(partial_results) + _arrivals(resumed_results) == _arrivals(full_results)
     assert driver.totals == {
         k: sum(a.outcome == k for a in _arrivals(full_results)) for k in (ACCEPTED, DROPPED, REJECTED)
     }
@@ -301,9 +293,7 @@ def test_failing_node_is_rejected_and_training_goes_on():
     def broken(msg, context):
         raise RuntimeError("device unplugged")
 
-    overrides = {"concurrency": 3, "max-staleness": 4}
-    cfg, grid, start = _setup({"driver": "async", **overrides}, 4, apps=None) if False else (None, None, None)
-    raw = {**BASE, "driver": "async", **overrides}
+    raw = {**BASE, "driver": "async", "concurrency": 3, "max-staleness": 4}
     cfg = parse_run_config(raw)
     grid = InProcessGrid([broken, client_app, client_app, client_app], 4, run_config=raw)
     data = federated_data(data_spec(cfg), 4)

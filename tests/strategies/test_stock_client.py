@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 
 from strategies.server_optimizers import ServerOptimizerSpec, build_server_optimizer
 from strategies.strategy import PollenStrategy, to_arrayrecord, to_params
+from strategies.updates import UpdateLimits
 from tests.support.inprocess_grid import InProcessGrid
 
 SHIFT = {0: 0.01, 1: -0.03, 2: 0.05}
@@ -63,6 +64,11 @@ def _bad_app(kind: str) -> ClientApp:
             params["w"] = np.zeros((3, 3), np.float32)
         elif kind == "raise":
             raise RuntimeError("client crashed")
+        elif kind == "huge":
+            params = {k: v + 1e6 for k, v in params.items()}
+        elif kind == "oversized":
+            params["w"] = np.zeros((2, 3), np.float32)
+            params["pad"] = np.zeros(100_000, np.float32)
         elif kind == "good":
             params = {k: v + 1.0 for k, v in params.items()}
         return Message(
@@ -74,15 +80,31 @@ def _bad_app(kind: str) -> ClientApp:
 
 
 def test_bad_updates_are_rejected_and_the_round_goes_on():
-    kinds = ["nan", "shape", "raise", "good"]
+    kinds = ["nan", "shape", "raise", "huge", "oversized", "good"]
     grid = InProcessGrid([_bad_app(k) for k in kinds], len(kinds))
     strategy = PollenStrategy(
-        optimizer=build_server_optimizer(ServerOptimizerSpec(name="fedavg")), clients_per_round=4
+        optimizer=build_server_optimizer(ServerOptimizerSpec(name="fedavg")),
+        clients_per_round=len(kinds),
+        limits=UpdateLimits(max_update_norm=100.0, max_payload_bytes=10_000),
     )
     initial = {"w": np.zeros((2, 3), np.float32)}
     result = strategy.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=1)
     np.testing.assert_array_equal(to_params(result.arrays)["w"], np.ones((2, 3), np.float32))
     stats = strategy.last_round
-    assert stats.clients == 1 and stats.rejected == 3
+    assert stats.clients == 1 and stats.rejected == 4 and stats.failed == 1
     joined = " | ".join(stats.rejections)
-    assert "non-finite" in joined and "shape" in joined and "client crashed" in joined
+    for reason in ("non-finite", "shape", "client crashed", "exceeds max-update-norm", "exceeds the limit"):
+        assert reason in joined
+
+
+def test_too_few_valid_updates_leave_the_model_unchanged():
+    grid = InProcessGrid([_bad_app(k) for k in ["nan", "good"]], 2)
+    strategy = PollenStrategy(
+        optimizer=build_server_optimizer(ServerOptimizerSpec(name="fedavg")),
+        clients_per_round=2,
+        min_replies=2,
+    )
+    initial = {"w": np.zeros((2, 3), np.float32)}
+    strategy.start(grid=grid, initial_arrays=to_arrayrecord(initial), num_rounds=1)
+    np.testing.assert_array_equal(strategy.global_params["w"], initial["w"])
+    assert strategy.last_round.clients == 1 and not strategy.last_round.applied
