@@ -17,8 +17,10 @@ from flwr.clientapp import ClientApp
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
 from fedclient.device import pick_device
+from fedclient.dpsgd_training import DpSgdSpec
 from fedclient.encoding import UpdateEncoder, client_side_dp
 from fedclient.faults import FaultPlan
+from fedclient.packed_worker import train_share
 from fedclient.pipeline import client_update
 from fedclient.state import state_store
 from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
@@ -26,11 +28,15 @@ from fedserver.config import RunConfig, parse_run_config
 from strategies import wire
 from strategies.codecs import build_error_feedback
 from strategies.factory import build_codec_for, codec_spec
-from strategies.strategy import to_arrayrecord, to_params
+from strategies.packed_layout import ShareAssignment
+from strategies.strategy import CLIENT_INFO, to_arrayrecord, to_params
 
 log = logging.getLogger("pollen")
 
 app = ClientApp()
+
+DATA_INFO = "data-info"
+"""Record of a ``query.data_info`` reply: ``input-shape`` and ``num-examples`` of the data."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -59,6 +65,20 @@ def fault_plan(cfg: RunConfig) -> FaultPlan:
     )
 
 
+def dpsgd_spec(cfg: RunConfig) -> DpSgdSpec | None:
+    """This client's DP-SGD settings, or ``None`` without ``dpsgd``; its ε is at ``dp-delta``."""
+    if not cfg.dpsgd:
+        return None
+    return DpSgdSpec(cfg.dpsgd_noise_multiplier, cfg.dpsgd_max_grad_norm, cfg.dp_delta)
+
+
+def round_transform(round_config: ConfigRecord):
+    """This round's pre-encoding transform: client-side DP clipping to the server's current C."""
+    if round_config.get("dp-where") != "client":
+        return None
+    return client_side_dp(float(round_config["dp-clip"]), str(round_config["dp-mode"]))
+
+
 def client_identity(context: Context) -> tuple[int, int, str]:
     """(client id, number of partitions, data path) for this node.
 
@@ -82,8 +102,19 @@ def _device_tensors(spec, num_partitions: int, partition: int, device: str):
 def _local_data(cfg: RunConfig, context: Context):
     client_id, num_partitions, data_path = client_identity(context)
     spec = data_spec(cfg, data_path or None)
-    device = str(pick_device(cfg.device))
-    x, y, num_classes = _device_tensors(spec, num_partitions if not spec.data_path else 1, client_id, device)
+    # A node's own `device` (node config) wins over the run's, e.g. a device with broken CUDA.
+    device = str(pick_device(str(context.node_config.get("device", cfg.device))))
+    try:
+        x, y, num_classes = _device_tensors(
+            spec, num_partitions if not spec.data_path else 1, client_id, device
+        )
+    except FileNotFoundError as err:
+        if data_path or cfg.dataset != "files":
+            raise
+        raise FileNotFoundError(
+            f"{err} (the run config's data-path: this node has none in its node config; start "
+            "its SuperNode with --node-config 'data-path=\"/path/to/data.npz\"')"
+        ) from err
     model = cached_model(cfg.model, tuple(x.shape[1:]), num_classes, cfg.hidden_size, device)
     return client_id, x, y, model
 
@@ -91,13 +122,16 @@ def _local_data(cfg: RunConfig, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
-    client_id, x, y, model = _local_data(cfg, context)
-    server_round = int(msg.content[wire.CONFIG].get("server-round", 0))
     round_config = msg.content[wire.CONFIG]
+    transform = round_transform(round_config)
+    if ShareAssignment.from_message(msg) is not None:  # packed layout: this node is a worker
+        return train_share(
+            msg, context, cfg, encoder=_encoder(cfg), transform=transform,
+            faults=fault_plan(cfg), dpsgd=dpsgd_spec(cfg),
+        )
+    client_id, x, y, model = _local_data(cfg, context)
+    server_round = int(round_config.get("server-round", 0))
     sent = to_params(msg.content[wire.ARRAYS])
-    transform = None
-    if round_config.get("dp-where") == "client":
-        transform = client_side_dp(float(round_config["dp-clip"]), str(round_config["dp-mode"]))
     faults = fault_plan(cfg)
     fault = faults.decide(server_round, client_id)
     faults.before_training(fault)
@@ -112,6 +146,7 @@ def train(msg: Message, context: Context) -> Message:
         encoder=_encoder(cfg),
         state=store.load(),
         transform=transform,
+        dpsgd=dpsgd_spec(cfg),
     )
     store.save(outcome.state)
     payload = faults.after_training(fault, outcome.payload, server_round, client_id)
@@ -120,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
             wire.UPDATE: to_arrayrecord(payload),
             wire.CODEC: ConfigRecord(outcome.header),
             wire.METRICS: MetricRecord(outcome.metrics),
-            "client-info": ConfigRecord({"device": str(x.device.type)}),
+            CLIENT_INFO: ConfigRecord({"device": str(x.device.type)}),
         }
     )
     return Message(content, reply_to=msg)
@@ -136,3 +171,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({"eval_loss": loss, "accuracy": accuracy, "num-examples": int(x.shape[0])})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
+
+@app.query("data_info")
+def data_info(msg: Message, context: Context) -> Message:
+    """Describe this node's training data: the shape of one example and the number of examples.
+
+    The ServerApp asks when it holds no data itself (``dataset=files`` without a server-side
+    ``data-path``), so that it builds the same model as the nodes. A node whose data cannot be
+    loaded raises here, and the server learns which one and why before the first round.
+    """
+    cfg = run_config(context)
+    _, x, _, _ = _local_data(cfg, context)
+    info = ConfigRecord(
+        {"input-shape": [int(d) for d in x.shape[1:]], "num-examples": int(x.shape[0])}
+    )
+    return Message(RecordDict({DATA_INFO: info}), reply_to=msg)

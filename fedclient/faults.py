@@ -65,7 +65,7 @@ class FaultPlan:
             return payload
         kind = int(np.random.default_rng([self.seed, server_round, client_id, FAULT_STREAM, 1]).integers(3))
         corrupted = dict(payload)
-        name = sorted(corrupted)[0]
+        name = min(corrupted)
         values = np.array(corrupted[name], copy=True)
         is_float = np.issubdtype(values.dtype, np.floating)
         if kind == 0:  # bad values: NaN, or garbled bytes for an entropy-coded payload

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedclient.dpsgd_training import STATE_PREFIX as DPSGD_PREFIX
+from fedclient.dpsgd_training import DpSgdSpec, train_local_dpsgd
 from fedclient.training import LocalTraining, get_params, set_params, train_local
 
 Params = dict[str, np.ndarray]
@@ -41,6 +43,7 @@ def client_update(
     encoder=None,
     state: Params | None = None,
     transform=None,
+    dpsgd: DpSgdSpec | None = None,
 ) -> ClientOutcome:
     """Train from ``sent`` and return the encoded delta ``trained − sent``.
 
@@ -53,10 +56,20 @@ def client_update(
         This client's private state from earlier rounds (``{}`` the first time).
     transform : callable, optional
         This round's pre-encoding transform (client-side DP clipping to the current C).
+    dpsgd : DpSgdSpec, optional
+        Train with sample-level DP-SGD (:mod:`fedclient.dpsgd_training`); the client's
+        accountant history lives in ``state`` and its ε is reported as ``dpsgd_epsilon``.
+        ``generator`` is then unused: DP-SGD draws batches and noise from OS entropy.
     """
     start = time.perf_counter()
     set_params(model, sent)
-    result = train_local(model, x, y, spec, generator)
+    state = dict(state or {})
+    extra: dict[str, float] = {}
+    if dpsgd is None:
+        result = train_local(model, x, y, spec, generator)
+    else:
+        result, history, extra["dpsgd_epsilon"] = train_local_dpsgd(model, x, y, spec, dpsgd, state)
+        state = {k: v for k, v in state.items() if not k.startswith(DPSGD_PREFIX)} | history
     trained = get_params(model)
     delta = {k: trained[k] - sent[k] for k in sent}
     train_time = time.perf_counter() - start
@@ -65,9 +78,10 @@ def client_update(
         "train_loss": result.loss,
         "local_steps": result.steps,
         "train_time_s": train_time,
+        **extra,
     }
     if encoder is None:
-        return ClientOutcome(payload=delta, header={}, metrics=metrics, state=dict(state or {}))
-    payload, header, new_state, extra = encoder.encode(delta, dict(state or {}), transform)
-    metrics.update(extra)
+        return ClientOutcome(payload=delta, header={}, metrics=metrics, state=state)
+    payload, header, new_state, encoded = encoder.encode(delta, state, transform)
+    metrics.update(encoded)
     return ClientOutcome(payload=payload, header=header, metrics=metrics, state=new_state)

@@ -3,7 +3,8 @@
 ``pollen run`` validates the run config *before* anything starts (one clear line on bad
 input), starts a private local SuperLink with Flower's per-run dependency installation off,
 runs the app through ``flwr run --stream``, and stops the SuperLink when it is done — the
-user never starts, finds or kills a SuperLink by hand.
+user never starts, finds or kills a SuperLink by hand. ``pollen resume RUN_DIR`` does the
+same with the run's own config and ``resume=true``, continuing it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -46,23 +47,77 @@ def resolve_run_config(overrides_text: str) -> dict:
     """
     overrides = parse_overrides(overrides_text) if overrides_text else {}
     cfg = parse_run_config(overrides)
-    overrides["output-dir"] = str(Path(cfg.output_dir).expanduser().resolve())
+    try:
+        overrides["output-dir"] = str(Path(cfg.output_dir).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. "~nosuchuser/runs"
+        raise ConfigError(f"run-config key 'output-dir' {cfg.output_dir!r} is not a usable path: {err}") from None
     if not cfg.run_name:
         overrides["run-name"] = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return overrides
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedserver.launcher import flwr_run
+def resume_run_config(run_dir: Path, overrides_text: str = "") -> tuple[dict, int]:
+    """The run config that continues ``run_dir``, and the number of nodes it ran with.
 
+    It is the killed run's own config (``run_dir/config.json``) with ``resume=true`` and
+    ``output-dir``/``run-name`` pointing at ``run_dir`` (so a moved directory resumes too).
+    Overrides may only change what a resumption may change (e.g. ``num-server-rounds``);
+    anything else would not continue the same run and is refused here, before anything starts.
+    """
+    from fedserver.resume import RESUMABLE_CHANGES
+
+    run_dir = run_dir.expanduser().resolve()
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a Pollen run directory: it has no config.json")
+    try:
+        written = json.loads(config_path.read_text())
+        saved, num_nodes = dict(written["run_config"]), int(written.get("num_nodes") or 0)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read the run config in {config_path}: {err}") from None
+    overrides = parse_overrides(overrides_text) if overrides_text else {}
+    changeable = RESUMABLE_CHANGES - {"resume", "output-dir"}  # those two are set here
+    fixed = sorted(k for k in overrides if k not in changeable)
+    if fixed:
+        raise ConfigError(
+            f"run-config keys {fixed} cannot change when resuming (a resumed run must stay the same "
+            f"run); allowed: {sorted(changeable)}"
+        )
+    run_config = {**saved, **overrides, "resume": True, "output-dir": str(run_dir.parent), "run-name": run_dir.name}
+    parse_run_config(run_config)
+    return run_config, num_nodes
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_config = resolve_run_config(" ".join(args.run_config or []))
         federation = {**DEFAULT_FEDERATION, **_parse_federation(" ".join(args.federation_config or []))}
     except ConfigError as err:
         print(f"pollen: error: {err}", file=sys.stderr)
         return 2
+    return _launch(args, run_config, federation)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    try:
+        run_config, num_nodes = resume_run_config(Path(args.run_dir), " ".join(args.run_config or []))
+        nodes = {"num-supernodes": num_nodes} if num_nodes else {}
+        federation = {
+            **DEFAULT_FEDERATION, **nodes, **_parse_federation(" ".join(args.federation_config or []))
+        }
+    except ConfigError as err:
+        print(f"pollen: error: {err}", file=sys.stderr)
+        return 2
+    return _launch(args, run_config, federation)
+
+
+def _launch(args: argparse.Namespace, run_config: dict, federation: dict) -> int:
+    """``flwr run`` the app on a private SuperLink, then report from the run directory."""
+    from fedserver.launcher import flwr_run
+
     run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
-    print(f"pollen: running {_app_dir(args.app)} → {run_dir}", flush=True)
+    verb = "resuming" if run_config.get("resume") else "running"
+    print(f"pollen: {verb} {_app_dir(args.app)} → {run_dir}", flush=True)
     outcome = flwr_run(
         _app_dir(args.app),
         run_config=run_config,
@@ -118,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
     run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser(
+        "resume", help="continue a killed or finished run from its last checkpoint (same trajectory)"
+    )
+    resume.add_argument("run_dir", help="the run directory (<output-dir>/<run-name>)")
+    resume.add_argument(
+        "-c", "--run-config", action="append",
+        help='what may change, e.g. "num-server-rounds=40" (more rounds) or "round-timeout=300"',
+    )
+    resume.add_argument(
+        "-f", "--federation-config", action="append",
+        help="simulation settings (default: as many supernodes as the run had)",
+    )
+    resume.add_argument("--app", help="app directory (default: this Pollen checkout)")
+    resume.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
+    resume.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    resume.set_defaults(func=cmd_resume)
 
     config = sub.add_parser("config", help="print or check the run-config keys")
     config.add_argument("--format", choices=("toml", "markdown"), default="markdown")

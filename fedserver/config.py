@@ -137,7 +137,9 @@ class RunConfig:
     data_path: str = _key(
         "",
         "Local data file for dataset=files (.npz with x/y, .csv with a label column, or "
-        "an image folder); on real devices set per node with --node-config.",
+        "an image folder). In a deployment each SuperNode sets its own with --node-config; "
+        "here it names the server's file for central evaluation (empty: nodes only, needs "
+        "num-classes).",
         section="data",
     )
     num_classes: int = _key(
@@ -348,6 +350,23 @@ class RunConfig:
         0.0, "Stop before the round whose release would exceed this epsilon (0: no budget).",
         low=0.0, section="privacy",
     )
+    dpsgd: bool = _key(
+        False,
+        "Sample-level DP-SGD on each client (Opacus): Poisson batches, per-example gradients "
+        "clipped to dpsgd-max-grad-norm, Gaussian noise on each batch; each client reports its "
+        "own epsilon at dp-delta (dpsgd_epsilon), accumulated over the rounds it joined.",
+        section="privacy",
+    )
+    dpsgd_noise_multiplier: float = _key(
+        1.0,
+        "DP-SGD noise std on each batch's gradient sum, in units of dpsgd-max-grad-norm "
+        "(0: clipping only, epsilon = inf).",
+        low=0.0, section="privacy",
+    )
+    dpsgd_max_grad_norm: float = _key(
+        1.0, "DP-SGD L2 bound of each example's gradient.", low=0.0, low_open=True,
+        section="privacy",
+    )
 
     # --- reliability --------------------------------------------------------------------
     max_update_norm: float = _key(
@@ -408,6 +427,21 @@ class RunConfig:
     fault_slow_seconds: float = _key(
         5.0, "Simulation: extra seconds a slow client takes (exceed round-timeout to drop it).",
         low=0.0, section="faults",
+    )
+
+    # --- scaling ------------------------------------------------------------------------
+    virtual_clients: int = _key(
+        0,
+        "Packed layout: this many virtual clients (ids 0..N-1) are hosted by the "
+        "num-supernodes worker SuperNodes, each training its share of the cohort in place and "
+        "replying with one pre-aggregated sum; 0: one SuperNode per client.",
+        low=0, section="scaling",
+    )
+    worker_threads: int = _key(
+        1,
+        "Packed layout: torch CPU threads per worker process (0: torch's default); keep "
+        "workers x threads <= cores so workers do not oversubscribe them.",
+        low=0, section="scaling",
     )
 
     # ------------------------------------------------------------------------------------
@@ -491,7 +525,7 @@ def _coerce(name: str, f, value: Any) -> Any:
             raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an int beyond float range
             raise ConfigError(
                 f"run-config key '{name}' must be {expected}, got {value!r}"
             ) from None
@@ -503,15 +537,14 @@ def _coerce(name: str, f, value: Any) -> Any:
             raise ConfigError(f"run-config key '{name}' must be {expected}, got {value!r}")
         try:
             value = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ConfigError(
                 f"run-config key '{name}' must be {expected}, got {value!r}"
             ) from None
         if not math.isfinite(value):
             raise ConfigError(f"run-config key '{name}' must be finite, {expected}, got {value!r}")
-    elif t == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"run-config key '{name}' must be a string, got {value!r}")
+    elif t == "str" and not isinstance(value, str):
+        raise ConfigError(f"run-config key '{name}' must be a string, got {value!r}")
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
         raise ConfigError(
@@ -539,7 +572,7 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
             close = difflib.get_close_matches(name, _FIELDS, n=3)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             raise ConfigError(
-                f"unknown run-config key '{name}'{hint}; the README's run-config table "
+                f"unknown run-config key {name!r}{hint}; the README's run-config table "
                 "lists every key"
             )
         values[f.name] = _coerce(name, f, value)
@@ -549,9 +582,11 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def _check_cross_key_rules(cfg: RunConfig) -> None:
-    if cfg.dataset == "files" and not cfg.data_path:
+    if cfg.dataset == "files" and not cfg.data_path and cfg.num_classes == 0:
         raise ConfigError(
-            "run-config key 'data-path' must name a data file when dataset='files'"
+            "run-config key 'data-path' must name a data file when dataset='files', unless "
+            "every SuperNode names its own (--node-config data-path=...) and 'num-classes' "
+            "is set so that all build the same model"
         )
     if cfg.codec == "co3" and 1 + cfg.co3_exponent_bits + cfg.co3_mantissa_bits > 8:
         raise ConfigError(
@@ -576,14 +611,76 @@ def _check_cross_key_rules(cfg: RunConfig) -> None:
         )
     if cfg.dp_adaptive and cfg.dp != "clip":
         raise ConfigError(f"run-config key 'dp-adaptive' needs dp='clip', got dp={cfg.dp!r}")
+    if cfg.dp != "off" and 0 < cfg.dp_population < cfg.clients_per_round:
+        raise ConfigError(
+            f"run-config key 'clients-per-round' ({cfg.clients_per_round}) must be <= "
+            f"'dp-population' ({cfg.dp_population}): the DP sampling rate q = "
+            "clients-per-round/dp-population must be in (0, 1]"
+        )
+    if cfg.dp_target_epsilon > 0 and (cfg.dp == "off" or cfg.dp_noise_multiplier == 0):
+        raise ConfigError(
+            "run-config key 'dp-target-epsilon' needs dp='clip' or 'normalize' and "
+            f"dp-noise-multiplier > 0 (got dp={cfg.dp!r}, dp-noise-multiplier="
+            f"{cfg.dp_noise_multiplier:g}): without noise no finite epsilon is ever spent"
+        )
+    noisy_adaptive = cfg.dp_adaptive and cfg.dp_noise_multiplier > 0
+    if noisy_adaptive and cfg.clients_per_round <= 10 * cfg.dp_noise_multiplier:
+        raise ConfigError(
+            "run-config key 'dp-adaptive' with noise needs clients-per-round > 10 * "
+            f"dp-noise-multiplier (got {cfg.clients_per_round} <= 10 * "
+            f"{cfg.dp_noise_multiplier:g}): the unclipped-count noise m/20 must stay above z/2"
+        )
     if cfg.dp != "off" and cfg.driver == "async":
         raise ConfigError("run-config key 'dp' is not supported with driver='async' (sync rounds only)")
+    for key, path in (
+        ("output-dir", cfg.output_dir), ("run-name", cfg.run_name), ("data-path", cfg.data_path),
+        ("client-state-dir", cfg.client_state_dir),
+    ):
+        if "\0" in path:
+            raise ConfigError(f"run-config key '{key}' must not contain a NUL character, got {path!r}")
+    if cfg.run_name in (".", "..") or "/" in cfg.run_name or "\\" in cfg.run_name:
+        raise ConfigError(
+            "run-config key 'run-name' must be a plain directory name (no '/' or '\\', not '.' "
+            f"or '..'), got {cfg.run_name!r}"
+        )
     if cfg.resume and not cfg.run_name:
         raise ConfigError("run-config key 'resume' needs 'run-name' (the run to continue)")
     if cfg.nesterov and cfg.strategy != "block-momentum":
         raise ConfigError(
             "run-config key 'nesterov' is only allowed with strategy='block-momentum', "
             f"got strategy={cfg.strategy!r}"
+        )
+    if cfg.virtual_clients:
+        _check_packed_layout(cfg)
+
+
+def _check_packed_layout(cfg: RunConfig) -> None:
+    """Keys that the packed layout (``virtual-clients`` > 0) constrains."""
+    n = cfg.virtual_clients
+    if cfg.clients_per_round > n:
+        raise ConfigError(
+            f"run-config key 'clients-per-round' ({cfg.clients_per_round}) must be <= "
+            f"'virtual-clients' ({n})"
+        )
+    if cfg.dp_population > n:
+        raise ConfigError(
+            f"run-config key 'dp-population' ({cfg.dp_population}) must be <= "
+            f"'virtual-clients' ({n}) (0: all virtual clients)"
+        )
+    if cfg.driver != "sync":
+        raise ConfigError(
+            "run-config key 'virtual-clients' needs driver='sync' (packed workers pre-sum a "
+            f"round's updates), got driver={cfg.driver!r}"
+        )
+    if cfg.fraction_evaluate > 0:
+        raise ConfigError(
+            "run-config key 'fraction-evaluate' must be 0 with virtual-clients > 0 (packed "
+            f"workers only train; central evaluation still runs), got {cfg.fraction_evaluate}"
+        )
+    if cfg.dataset == "files":
+        raise ConfigError(
+            "run-config key 'virtual-clients' cannot be used with dataset='files' (a device's "
+            "own file is one client, not a simulated population)"
         )
 
 
@@ -597,7 +694,11 @@ def parse_overrides(text: str) -> dict[str, Any]:
     import tomllib
 
     result: dict[str, Any] = {}
-    for item in shlex.split(text):
+    try:
+        items = shlex.split(text)
+    except ValueError as err:  # unbalanced quotes
+        raise ConfigError(f"run-config overrides {text!r} cannot be split into key=value: {err}") from None
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"run-config override {item!r} is not of the form key=value")
         name, value_text = item.split("=", 1)

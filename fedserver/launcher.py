@@ -41,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ import tomllib
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -200,35 +201,83 @@ def local_superlink(
     or ``RAY_USAGE_STATS_ENABLED``. If this Python process is killed with SIGKILL no
     cleanup can run; the log file names the process groups to ``kill -- -PGID``.
     """
+    with managed_superlink(
+        flwr_home, ["--insecure", "--simulation"], {"insecure": True},
+        ports=ports, log_file=log_file, env=env, startup_timeout=startup_timeout,
+    ) as link:
+        yield link
+
+
+@contextlib.contextmanager
+def managed_superlink(
+    flwr_home: Path,
+    mode_args: Sequence[str],
+    connection_fields: Mapping[str, object],
+    *,
+    ca_certificate: Path | None = None,
+    ports: SuperLinkPorts | None = None,
+    log_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    startup_timeout: float = 30.0,
+) -> Iterator[SuperLinkHandle]:
+    """A loopback SuperLink in the mode ``mode_args`` selects, for a ``with`` block.
+
+    What :func:`local_superlink` (simulation) and :mod:`fedserver.deployment` (TLS with
+    SuperNode authentication) share: ``flower-superlink MODE_ARGS --isolation subprocess
+    --disable-runtime-dependency-installation --host 127.0.0.1 --port PORT`` in a new
+    process group (port re-picked if another process took it), a health check, the
+    connection ``[superlink.pollen-PORT]`` with ``address`` and ``connection_fields`` in
+    ``flwr_home/config.toml``, and on exit every process group stopped and the connection
+    removed.
+
+    Parameters
+    ----------
+    mode_args : Sequence[str]
+        Flags that select the mode, e.g. ``["--insecure", "--simulation"]``.
+    connection_fields : Mapping[str, object]
+        The connection's other fields, e.g. ``{"insecure": True}`` or
+        ``{"root-certificates": "/path/ca.crt"}``.
+    ca_certificate : Path, optional
+        For a TLS SuperLink: the CA that signed its certificate. The health check then
+        uses HTTPS and verifies the certificate for ``127.0.0.1``.
+    flwr_home, ports, log_file, env, startup_timeout
+        As for :func:`local_superlink`.
+    """
     flwr_home = Path(flwr_home).expanduser().resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)
-    child_env = _child_env(flwr_home, env)
-    child_env[_TOKEN_VARIABLE] = uuid.uuid4().hex
-    executable = _executable("flower-superlink", child_env)
+    env = child_env(flwr_home, env)
+    executable = find_executable("flower-superlink", env)
+    ssl_context = None if ca_certificate is None else ssl.create_default_context(
+        cafile=str(ca_certificate)
+    )
 
-    with _exit_on_termination_signals():
+    with exit_on_termination_signals():
         for attempt in range(1, _STARTUP_ATTEMPTS + 1):
-            port = ports.http if ports is not None else _free_port()
+            port = ports.http if ports is not None else free_port()
             log_path = Path(log_file) if log_file else flwr_home / f"superlink-{port}.log"
-            tree = _start_superlink(executable, port, log_path, child_env, startup_timeout)
+            command = [
+                executable, *mode_args, "--isolation", "subprocess",
+                "--disable-runtime-dependency-installation", "--host", LOOPBACK, "--port", str(port),
+            ]
+            tree = _start_superlink(command, port, log_path, env, startup_timeout, ssl_context)
             if tree is not None:
                 break
             if ports is not None or attempt == _STARTUP_ATTEMPTS:
                 raise LaunchError(
                     f"flower-superlink did not start on {LOOPBACK}:{port}; "
-                    f"last lines of {log_path}:\n{_tail(log_path)}"
+                    f"last lines of {log_path}:\n{log_tail(log_path)}"
                 )
         connection = f"pollen-{port}"
         try:
             address = f"{LOOPBACK}:{port}"
-            _edit_flower_config(flwr_home, connection, {"address": address, "insecure": True})
+            _edit_flower_config(flwr_home, connection, {"address": address, **connection_fields})
             yield SuperLinkHandle(
                 pid=tree.proc.pid,
                 address=address,
                 connection=connection,
                 flwr_home=flwr_home,
                 log_file=log_path,
-                env=child_env,
+                env=env,
             )
         finally:
             try:
@@ -237,34 +286,38 @@ def local_superlink(
                 _edit_flower_config(flwr_home, connection, None)
 
 
-def _start_superlink(
-    executable: str, port: int, log_path: Path, env: Mapping[str, str], startup_timeout: float
-) -> _ProcessTree | None:
-    """Start one SuperLink and wait until it is healthy; ``None`` if it exited (port taken)."""
-    command = [
-        executable,
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        LOOPBACK,
-        "--port",
-        str(port),
-    ]
+def spawn_process_group(
+    command: Sequence[str], env: Mapping[str, str], log_path: Path
+) -> ProcessTree:
+    """Start ``command`` in a new process group, output appended to ``log_path``.
+
+    The process and everything it spawns inherit a fresh marker variable, so
+    :meth:`ProcessTree.stop` can later tell its orphaned process groups from unrelated
+    ones that reuse a group id.
+    """
+    env = dict(env)
+    env[_TOKEN_VARIABLE] = uuid.uuid4().hex
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"# pollen: {' '.join(command)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
-            command, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+            list(command), env=env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
-    tree = _ProcessTree(proc, env[_TOKEN_VARIABLE])
+    return ProcessTree(proc, env[_TOKEN_VARIABLE])
+
+
+def _start_superlink(
+    command: list[str], port: int, log_path: Path, env: Mapping[str, str],
+    startup_timeout: float, ssl_context: ssl.SSLContext | None,
+) -> ProcessTree | None:
+    """Start one SuperLink and wait until it is healthy; ``None`` if it exited (port taken)."""
+    tree = spawn_process_group(command, env, log_path)
+    proc = tree.proc
     try:
         deadline = time.monotonic() + startup_timeout
-        while not _healthy(port):
+        while not _healthy(port, ssl_context):
             tree.record()
             if proc.poll() is not None:
                 tree.stop()
@@ -272,7 +325,7 @@ def _start_superlink(
             if time.monotonic() > deadline:
                 raise LaunchError(
                     f"flower-superlink on {LOOPBACK}:{port} not healthy after "
-                    f"{startup_timeout:.0f} s; last lines of {log_path}:\n{_tail(log_path)}"
+                    f"{startup_timeout:.0f} s; last lines of {log_path}:\n{log_tail(log_path)}"
                 )
             time.sleep(0.1)
         tree.record()
@@ -287,22 +340,32 @@ def _start_superlink(
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _healthy(port: int) -> bool:
-    url = f"http://{LOOPBACK}:{port}/health"  # never via an http_proxy from the environment
+def _healthy(port: int, ssl_context: ssl.SSLContext | None = None) -> bool:
+    # never via an http_proxy from the environment
+    if ssl_context is None:
+        url, opener = f"http://{LOOPBACK}:{port}/health", _NO_PROXY_OPENER
+    else:
+        url = f"https://{LOOPBACK}:{port}/health"
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl_context)
+        )
     try:
-        with _NO_PROXY_OPENER.open(url, timeout=0.5) as resp:
+        with opener.open(url, timeout=0.5) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
 
 
-def _child_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
+def child_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment for Flower processes: ours plus ``extra``, with ``FLWR_HOME``, no
+    dependency installation or telemetry, and this interpreter's scripts first on ``PATH``."""
     env = dict(os.environ)
     env.update(extra or {})
     env["FLWR_HOME"] = str(flwr_home)
@@ -317,7 +380,8 @@ def _child_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, st
     return env
 
 
-def _executable(name: str, env: Mapping[str, str]) -> str:
+def find_executable(name: str, env: Mapping[str, str]) -> str:
+    """Path of the Flower command ``name`` on ``env``'s ``PATH``, or a clear LaunchError."""
     found = shutil.which(name, path=env.get("PATH"))
     if found is None:
         raise LaunchError(
@@ -327,7 +391,8 @@ def _executable(name: str, env: Mapping[str, str]) -> str:
     return found
 
 
-def _tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, colour codes removed."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -336,7 +401,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 @contextlib.contextmanager
-def _exit_on_termination_signals() -> Iterator[None]:
+def exit_on_termination_signals() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into ``SystemExit`` so ``finally`` blocks stop the SuperLink.
 
     Python's default for these signals is to die without unwinding. Only done in the main
@@ -432,7 +497,7 @@ def _carries_token(pid: int, token: str) -> bool:
 
 
 @dataclass
-class _ProcessTree:
+class ProcessTree:
     """A SuperLink process and the process groups it and its descendants created.
 
     SuperExec runs in a session of its own; if the SuperLink dies first, SuperExec's group
@@ -577,7 +642,7 @@ def run_app(
     app_dir = Path(app_dir).expanduser().resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise ValueError(f"app_dir must contain a pyproject.toml; got {app_dir}")
-    flwr = _executable("flwr", link.env)
+    flwr = find_executable("flwr", link.env)
     with contextlib.ExitStack() as stack:
         command = [flwr, "run", str(app_dir), link.connection, "--stream"]
         flags = (("--run-config", run_config), ("--federation-config", federation_config))
@@ -640,7 +705,7 @@ def _run_streaming(
     except subprocess.TimeoutExpired:
         match = _RUN_ID_PATTERN.search(_ANSI_ESCAPE.sub("", "".join(lines)))
         if match is not None:
-            _flwr_cli(link, "stop", match.group(1), link.connection)
+            flwr_cli(link, "stop", match.group(1), link.connection)
         raise TimeoutError(
             f"the run did not finish within {timeout} s and was stopped: {' '.join(command)}"
         ) from None
@@ -664,16 +729,17 @@ def _pump(pipe: IO[str], lines: list[str], echo: bool) -> None:
             sys.stdout.flush()
 
 
-def _flwr_cli(link: SuperLinkHandle, *args: str) -> subprocess.CompletedProcess[str]:
+def flwr_cli(link: SuperLinkHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``flwr ARGS`` with the SuperLink's environment (its ``FLWR_HOME``); output captured."""
     return subprocess.run(
-        [_executable("flwr", link.env), *args], env=dict(link.env), stdin=subprocess.DEVNULL,
+        [find_executable("flwr", link.env), *args], env=dict(link.env), stdin=subprocess.DEVNULL,
         capture_output=True, text=True, timeout=_CLI_TIMEOUT_S, check=False,
     )
 
 
 def _run_status(link: SuperLinkHandle, run_id: int) -> tuple[str, str]:
     """``(status, details)`` of a run from ``flwr ls --format json``."""
-    done = _flwr_cli(link, "ls", link.connection, "--run-id", str(run_id), "--format", "json")
+    done = flwr_cli(link, "ls", link.connection, "--run-id", str(run_id), "--format", "json")
     try:
         runs = json.loads(done.stdout)["runs"]
         run = next(r for r in runs if r["run-id"] == str(run_id))

@@ -5,7 +5,7 @@ Layout (``<output-dir>/<run-name>/``)::
     config.json      resolved run config (+ Flower run id, versions)
     metrics.jsonl    one JSON object per round, appended, flushed and fsynced
     model.pt         latest global model as a torch state dict (atomic replace each round)
-    checkpoint.pt    latest full server state: model, strategy state, round (atomic)
+    checkpoint.pt    latest full server state: model, strategy/driver state, RNG states, round (atomic)
     summary.json     final numbers of the run
     metrics.png      accuracy and losses per round
 
@@ -85,7 +85,7 @@ class RunDirectory:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, output_dir: str, run_name: str, run_id: int | str, *, exist_ok: bool = False) -> "RunDirectory":
+    def create(cls, output_dir: str, run_name: str, run_id: int | str, *, exist_ok: bool = False) -> RunDirectory:
         name = run_name or f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{run_id}"
         path = Path(output_dir).expanduser() / name
         if path.exists() and not exist_ok and (path / "metrics.jsonl").exists():
@@ -105,8 +105,15 @@ class RunDirectory:
     def checkpoint_path(self) -> Path:
         return self.path / "checkpoint.pt"
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.path / "config.json", config)
+        atomic_write_json(self.config_path, config)
+
+    def read_config(self) -> dict[str, Any]:
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one round's metrics; durable before the call returns."""

@@ -11,21 +11,23 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flwr
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedclient.client_app import DATA_INFO
 from fedclient.components import data_spec, federated_data, new_model
 from fedclient.training import as_tensors, evaluate, get_params, set_params
 from fedserver.config import ConfigError, RunConfig, parse_run_config
 from fedserver.plots import plot_metrics
-from fedserver.resume import load_resume_point
-from privacy.report import write_report
+from fedserver.resume import load_resume_point, rng_state
 from fedserver.run_dir import RunDirectory
+from privacy.report import write_report
 from strategies.async_driver import AsyncRoundResult
 from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
 from strategies.sync_driver import RoundResult, run_sync
@@ -73,12 +75,82 @@ def progress_line(row: dict, num_rounds: int) -> str:
         f"round {row['round']:>3}/{num_rounds} | acc {num('accuracy', '.4f')} | "
         f"eval_loss {num('eval_loss', '.4f')} | train_loss {num('train_loss', '.4f')} | "
         f"clients {row['clients']}"
+        + (" (skipped: too few replies, model unchanged)" if row.get("skipped") else "")
+        + (f" (retries {row['retries']})" if row.get("retries") else "")
         + (f" (rejected {row['rejected']})" if row.get("rejected") else "")
         + (f" (failed {row['failed']})" if row.get("failed") else "")
         + f" | up {_format_bytes(row['bytes_up'])} down {_format_bytes(row['bytes_down'])}"
         + (f" | eps {row['epsilon']:.3g}" if row.get("epsilon") is not None else "")
         + f" | {row['wall_s']:.2f} s"
     )
+
+
+def client_sizes(cfg: RunConfig, data) -> Callable[[int], int] | None:
+    """Client id → training examples, for balancing the packed layout's shares.
+
+    ``None`` when all clients are known to be the same size (synthetic data), so that the
+    server builds no client's data; otherwise a client's partition is looked up (lazily,
+    only for sampled clients).
+    """
+    if not cfg.virtual_clients or cfg.dataset == "synthetic":
+        return None
+    return lambda client_id: len(data.partition(client_id))
+
+
+def nodes_hold_the_data(cfg: RunConfig) -> bool:
+    """Whether only the SuperNodes have data: ``dataset=files`` and no run-config ``data-path``.
+
+    In a deployment every SuperNode names its own file (``--node-config data-path=...``).
+    A run-config ``data-path`` is a file on the server, used for the model's shape and for
+    central evaluation on its ``test-fraction`` hold-out. Without one the server asks the
+    nodes for the input shape (:func:`input_shape_from_nodes`), takes ``num-classes`` from
+    the run config, and accuracy comes from client evaluation (``fraction-evaluate``).
+    """
+    return cfg.dataset == "files" and not cfg.data_path
+
+
+def input_shape_from_nodes(grid: Grid, node_ids: list[int], timeout: float) -> tuple[int, ...]:
+    """The shape of one training example, as the connected nodes describe their data.
+
+    Sends every node a ``query.data_info`` message (the ClientApp's :func:`data_info`); a
+    node that cannot load its data replies with an error, which is logged. All nodes that
+    answer must agree, or the federation could not train one model.
+
+    Raises
+    ------
+    RuntimeError
+        If no node is connected, none could describe its data, or their shapes differ.
+    """
+    if not node_ids:
+        raise RuntimeError(
+            "dataset=files without a server-side data-path: the input shape comes from the "
+            "SuperNodes, but none is connected"
+        )
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.data_info")
+        for node in node_ids
+    ]
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    failures = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures.append(f"node {node}: {reply.error.reason}")
+            log.warning("node %d could not describe its data: %s", node, reply.error.reason)
+        else:
+            shape = tuple(int(d) for d in reply.content[DATA_INFO]["input-shape"])
+            shapes.setdefault(shape, []).append(node)
+    if not shapes:
+        raise RuntimeError(
+            "dataset=files without a server-side data-path: no SuperNode could describe its "
+            "data (" + ("; ".join(failures) or f"no reply within {timeout:g} s") + ")"
+        )
+    if len(shapes) > 1:
+        raise RuntimeError(
+            "the SuperNodes' data files have different example shapes: "
+            + "; ".join(f"{list(shape)} on nodes {nodes}" for shape, nodes in shapes.items())
+        )
+    return next(iter(shapes))
 
 
 @app.main()
@@ -97,6 +169,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id, exist_ok=cfg.resume)
+    # Before config.json is rewritten: it is what a run without a checkpoint is checked against.
+    point = load_resume_point(run, cfg) if cfg.resume else None
     node_ids = sorted(grid.get_node_ids())
     num_nodes = len(node_ids)
     log.info("run directory: %s (%d nodes connected)", run.path.resolve(), num_nodes)
@@ -114,27 +188,42 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
         }
     )
 
-    data = federated_data(data_spec(cfg), max(num_nodes, 1))
-    test = data.test_set()
-    model = new_model(cfg, data.input_shape, data.num_classes)
+    # Packed layout: the clients are virtual (0..N-1) and the nodes are workers hosting them.
+    num_clients = cfg.virtual_clients or max(num_nodes, 1)
+    if nodes_hold_the_data(cfg):
+        data = test = None
+        shape = input_shape_from_nodes(grid, node_ids, cfg.round_timeout)
+        model = new_model(cfg, shape, cfg.num_classes)
+        if cfg.fraction_evaluate == 0:
+            log.warning(
+                "dataset=files without a server-side data-path: no central evaluation, and "
+                "with fraction-evaluate=0 no client evaluation either; only train_loss is "
+                "measured"
+            )
+    else:
+        data = federated_data(data_spec(cfg), num_clients)
+        test = data.test_set()
+        model = new_model(cfg, data.input_shape, data.num_classes)
     params = get_params(model)
     num_params = int(sum(v.size for v in params.values()))
-    evaluator = CentralEvaluator(cfg, test.x, test.y, model)
-    strategy = build_strategy(cfg, run.path)
+    evaluator = None if test is None else CentralEvaluator(cfg, test.x, test.y, model)
+    strategy = build_strategy(cfg, run.path, num_examples=client_sizes(cfg, data))
     strategy.summary()
-    clock = build_virtual_clock(cfg, node_ids)
+    clock = build_virtual_clock(cfg, range(cfg.virtual_clients) if cfg.virtual_clients else node_ids)
     driver = build_async_driver(cfg, strategy, clock) if cfg.driver == "async" else None
     log.info(
         "dataset=%s (%d test examples), model=%s (%d parameters), %d rounds, %d clients/round",
-        cfg.dataset, len(test), cfg.model, num_params, cfg.num_server_rounds, cfg.clients_per_round,
+        cfg.dataset, 0 if test is None else len(test), cfg.model, num_params, cfg.num_server_rounds, cfg.clients_per_round,
     )
 
     rows: list[dict] = []
     start_round = 1
-    if cfg.resume:
-        point = load_resume_point(run, cfg)
+    if point is not None and point.params is None:
+        log.info("resuming %s: no round was checkpointed, starting at round 1", run.path)
+    elif point is not None:
         params, start_round, rows = point.params, point.start_round, point.rows
         strategy.load_state_dict(point.strategy_state)
+        point.restore_rng()
         if point.driver_state is not None:
             if driver is not None:
                 driver.load_state_dict(point.driver_state)
@@ -143,7 +232,7 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
         log.info("resuming %s at round %d", run.path, start_round)
 
     def on_round(result: RoundResult) -> None:
-        eval_loss, accuracy = evaluator(result.params)
+        eval_loss, accuracy = (None, None) if evaluator is None else evaluator(result.params)
         stats = result.stats
         row = {
             "round": result.server_round,
@@ -160,11 +249,17 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             "bits_per_param": stats.bits_per_param,
             "wall_s": result.wall_s,
         }
+        if not isinstance(result, AsyncRoundResult):  # short-round policy: what happened
+            row["retries"], row["skipped"] = stats.attempt, not stats.applied
         if isinstance(result, AsyncRoundResult):
             row.update(result.metrics())
         elif clock is not None:
             row["sim_time"] = clock.advance_round(stats.cohort, result.server_round)
         row.update(stats.privacy_metrics)
+        if stats.devices:  # accepted updates per client device, e.g. {"cuda": 2, "cpu": 1}
+            row["devices"] = dict(stats.devices)
+        if "train_time_s" in stats.client_metrics:  # example-weighted mean over the clients
+            row["train_time_s"] = stats.client_metrics["train_time_s"]
         if result.client_eval is not None:
             row["client_eval_loss"] = result.client_eval.get("eval_loss")
             row["client_accuracy"] = result.client_eval.get("accuracy")
@@ -180,6 +275,7 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
                 "driver": driver.state_dict() if driver is not None else {
                     "clock": clock.state_dict() if clock is not None else None
                 },
+                "rng": rng_state(),
                 "run_config": cfg.to_dict(),
             }
         )
@@ -210,7 +306,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
         "run_name": run.path.name,
         "rounds": len(rows),
         "final_accuracy": final.get("accuracy"),
-        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "best_accuracy": max((r["accuracy"] for r in rows if r["accuracy"] is not None),
+                             default=None),
         "final_eval_loss": final.get("eval_loss"),
         "num_params": num_params,
         "wall_s": time.perf_counter() - started,

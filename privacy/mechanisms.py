@@ -120,6 +120,40 @@ def prepare_client_update(update: Params, *, clip: float, mode: str) -> tuple[Pa
     return prepared, norm <= clip
 
 
+def bound_update(
+    update: Params,
+    *,
+    clip: float,
+    mode: str,
+    where: str,
+    adaptive: bool = False,
+    client_unclipped: bool | None = None,
+) -> tuple[Params, bool]:
+    """The server's per-update DP step: bound one client's update to norm ≤ C.
+
+    ``where="server"``: clip or normalize here (:func:`prepare_client_update`).
+    ``where="client"``: the client already did; raise :class:`NormBoundExceeded` if
+    ‖Δ‖ > C·(1 + 1e-5), else clip to exactly C (removing float32 rounding excess). With
+    adaptive clipping the client's own bit ``client_unclipped`` (‖Δ‖ ≤ C before its
+    clipping) is required, since the server cannot see the original norm.
+
+    Returns ``(prepared, unclipped)``.
+    """
+    if where == "server":
+        if client_unclipped is not None:
+            raise ValueError("client_unclipped is only used with where='client'")
+        return prepare_client_update(update, clip=clip, mode=mode)
+    norm = _finite_norm(update)
+    if norm > clip * (1 + CLIENT_NORM_RTOL):
+        raise NormBoundExceeded(f"client update norm {norm:.6g} exceeds the clip norm C={clip:.6g}")
+    if adaptive and client_unclipped is None:
+        raise ValueError(
+            "adaptive clipping with where='client' needs the client's client_unclipped bit"
+        )
+    prepared, _ = clip_update(update, clip)
+    return prepared, bool(client_unclipped)
+
+
 def split_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
     """Noise multiplier left for the update sum when the clipped-count query also spends budget.
 
@@ -327,34 +361,41 @@ class CentralDpAggregator:
         return self.sampler.mechanism(self.population, self.spec.noise_multiplier)
 
     def prepare(self, update: Params, *, client_unclipped: bool | None = None) -> Params:
-        """Bound one client's update to norm ≤ C and tally its adaptive-clipping bit.
+        """Bound one client's update to norm ≤ C (:func:`bound_update`) and tally its bit.
 
-        ``where="server"``: clip or normalize here. ``where="client"``: the client already did;
-        raise :class:`NormBoundExceeded` if ‖Δ‖ > C·(1 + 1e-5), else clip to exactly C (removing
-        float32 rounding excess). With adaptive clipping the client's own bit ``client_unclipped``
-        (‖Δ‖ ≤ C before its clipping) is required, since the server cannot see the original norm.
         Every prepared update must enter the sum passed to :meth:`release`.
         """
-        clip = self._clip
-        if self.spec.where == "server":
-            if client_unclipped is not None:
-                raise ValueError("client_unclipped is only used with where='client'")
-            prepared, unclipped = prepare_client_update(update, clip=clip, mode=self.spec.mode)
-        else:
-            norm = _finite_norm(update)
-            if norm > clip * (1 + CLIENT_NORM_RTOL):
-                raise NormBoundExceeded(
-                    f"client update norm {norm:.6g} exceeds the clip norm C={clip:.6g}"
-                )
-            if self.spec.adaptive and client_unclipped is None:
-                raise ValueError(
-                    "adaptive clipping with where='client' needs the client's client_unclipped bit"
-                )
-            prepared, _ = clip_update(update, clip)
-            unclipped = bool(client_unclipped)
+        prepared, unclipped = bound_update(
+            update,
+            clip=self._clip,
+            mode=self.spec.mode,
+            where=self.spec.where,
+            adaptive=self.spec.adaptive,
+            client_unclipped=client_unclipped,
+        )
         self._prepared += 1
         self._unclipped += int(unclipped)
         return prepared
+
+    def add_prepared(self, count: int, unclipped: int) -> None:
+        """Tally a batch of ``count`` updates bounded and summed elsewhere, ``unclipped`` unclipped.
+
+        A packed worker (:mod:`fedclient.packed_worker`) hosts many clients: it bounds each
+        client's update with :func:`bound_update` at this round's C — the same function
+        :meth:`prepare` applies — and sends only their sum, which the caller adds to the
+        ``total`` passed to :meth:`release`. The sensitivity argument is unchanged: every
+        client's contribution was bounded to norm ≤ C on its own before it entered any sum,
+        so adding or removing one client still moves the total by at most C, however the
+        total is grouped. (Running that step on a worker means trusting the worker as much as
+        the server, which holds in a simulation where both run the same code.)
+        """
+        if not 0 <= unclipped <= count:
+            raise ValueError(
+                f"a prepared batch needs 0 <= unclipped <= count; got unclipped={unclipped}, "
+                f"count={count}"
+            )
+        self._prepared += int(count)
+        self._unclipped += int(unclipped)
 
     def release(
         self, total: Params, cohort: Cohort, server_round: int, participants: tuple[int, ...] = ()

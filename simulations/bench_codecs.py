@@ -175,11 +175,15 @@ def _scale_rule_rows(num_samples: int) -> list[dict]:
     return rows
 
 
-def run(out_dir: Path, num_params: int = 1_000_000, repeats: int = 5) -> dict:
+def run(
+    out_dir: Path, quick: bool = False, num_params: int = 1_000_000, repeats: int | None = None
+) -> dict:
     """Benchmark every codec on one synthetic update; print tables, write ``bench_codecs.json``.
 
-    Returns the results dict (also written to ``out_dir / "bench_codecs.json"``).
+    ``quick`` times 2 repeats instead of 5. Returns the results dict (also written to
+    ``out_dir / "bench_codecs.json"``).
     """
+    repeats = repeats if repeats is not None else (2 if quick else 5)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     update = synthetic_update(num_params)

@@ -3,19 +3,19 @@
 Every codec trains the same federation through the real ClientApp on an in-process grid
 (:mod:`simulations.inprocess_grid`) and the synchronous driver ``pollen run`` uses: the
 5,000-image MNIST subset, Dirichlet(0.3) label skew over 20 clients, 10 per round, an MLP
-(784-128-128-10, 118k parameters), FedAvg, the same seed and number of rounds for all.
-Lossy codecs run with error feedback on (classic, λ = 1, for fp16/bf16/top-k/sign; CO3's
+(784-128-128-10, 118k parameters), FedAvg, the same seeds (data split, initial model, cohorts,
+local shuffling) and number of rounds for all: 3 seeds × 50 rounds (quick: 1 × 5). Lossy codecs run with error feedback on (classic, λ = 1, for fp16/bf16/top-k/sign; CO3's
 decayed memory, λ = ``co3-decay``, for CO3). Reported per codec:
 
 * final test accuracy and its mean over the last 5 rounds (a single run's last round moves by
   about a point from round to round on this non-IID task, so the mean is the steadier figure),
-  and both as a difference to ``none``;
+  averaged over seeds, and both as a difference to ``none`` paired by seed (mean and range);
 * uplink bits/param: the mean over rounds of the ``bits_per_param`` the strategy computes for
   metrics.jsonl, i.e. 8 × serialized encoded-update bytes (arrays plus codec header, as they
   travel) / (clients × parameters);
 * encode and decode time per 10^6 parameters on one core: process CPU time with PyTorch and
   BLAS/OpenMP pools at one thread, median over repeats, on a 1M-parameter update *resampled
-  from a real client delta* of the trained ``none`` model (each tensor keeps its share of the
+  from a real client delta* of the trained ``none`` model (first seed) (each tensor keeps its share of the
   parameters and its empirical value distribution). "Encode" is the client's whole step
   (:meth:`ErrorFeedback.encode`: add the memory, encode, reconstruct, new memory); "decode"
   is the server's :meth:`Codec.decode`.
@@ -58,11 +58,12 @@ TASK = {
     "dataset": "mnist", "partitioner": "dirichlet", "dirichlet-alpha": 0.3,
     "model": "mlp", "hidden-size": 128, "clients-per-round": 10,
     "local-epochs": 2, "batch-size": 32, "lr": 0.05, "momentum": 0.9,
-    "strategy": "fedavg", "server-lr": 1.0, "seed": 0, "device": "cpu",
+    "strategy": "fedavg", "server-lr": 1.0, "device": "cpu",
 }
-"""The federation every codec trains (run-config keys)."""
+"""The federation every codec trains (run-config keys; the seed varies, see ``SEEDS``)."""
 
-ROUNDS, QUICK_ROUNDS = 40, 5
+ROUNDS, QUICK_ROUNDS = 50, 5
+SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)
 TIMING_PARAMS, QUICK_TIMING_PARAMS = 1_000_000, 250_000
 TIMING_REPEATS, QUICK_TIMING_REPEATS = 5, 2
 LAST = 5
@@ -93,9 +94,9 @@ VARIANTS = (
 )
 
 
-def train(variant: Variant, rounds: int) -> dict[str, Any]:
-    """Train the federation with this codec; one trace point per round."""
-    raw = {**TASK, **variant.config, "num-server-rounds": rounds}
+def train(variant: Variant, rounds: int, seed: int) -> dict[str, Any]:
+    """Train the federation with this codec and seed; one trace point per round."""
+    raw = {**TASK, **variant.config, "num-server-rounds": rounds, "seed": seed}
     cfg = parse_run_config(raw)
     grid = InProcessGrid(client_app, NUM_NODES, run_config=raw)
     data = federated_data(data_spec(cfg), NUM_NODES)
@@ -121,7 +122,7 @@ def train(variant: Variant, rounds: int) -> dict[str, Any]:
     final = run_sync(grid, build_strategy(cfg), get_params(model), num_rounds=rounds, on_round=record)
     return {
         "label": variant.label,
-        "config": variant.config,
+        "seed": seed,
         "num_params": int(sum(v.size for v in final.values())),
         "trace": trace,
         "final_params": final,
@@ -185,19 +186,28 @@ def codec_time(variant: Variant, update: Params, repeats: int) -> dict[str, floa
     return {"encode_ms": encode_ms, "decode_ms": decode_ms, "codec_ms": encode_ms + decode_ms}
 
 
-def summarize(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """One table row: accuracies, their loss against ``none``, mean bits/param."""
-    trace, ref = result["trace"], reference["trace"]
-    last = statistics.fmean(p["accuracy"] for p in trace[-LAST:])
-    ref_last = statistics.fmean(p["accuracy"] for p in ref[-LAST:])
+def summarize(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from a codec's runs (one per seed) and ``none``'s runs with the same seeds.
+
+    Accuracy differences are paired by seed, then averaged; their range over seeds is kept.
+    """
+    final = [r["trace"][-1]["accuracy"] for r in runs]
+    last = [statistics.fmean(p["accuracy"] for p in r["trace"][-LAST:]) for r in runs]
+    ref_final = [r["trace"][-1]["accuracy"] for r in reference]
+    ref_last = [statistics.fmean(p["accuracy"] for p in r["trace"][-LAST:]) for r in reference]
+    final_delta = [a - b for a, b in zip(final, ref_final, strict=True)]
+    last_delta = [a - b for a, b in zip(last, ref_last, strict=True)]
     return {
-        "codec": result["label"],
-        "final_accuracy": trace[-1]["accuracy"],
-        "accuracy_delta": trace[-1]["accuracy"] - ref[-1]["accuracy"],
-        "last5_accuracy": last,
-        "last5_delta": last - ref_last,
-        "bits_per_param": statistics.fmean(p["bits_per_param"] for p in trace),
-        "wall_s": result["wall_s"],
+        "codec": runs[0]["label"],
+        "seeds": [r["seed"] for r in runs],
+        "final_accuracy": statistics.fmean(final),
+        "accuracy_delta": statistics.fmean(final_delta),
+        "accuracy_delta_range": [min(final_delta), max(final_delta)],
+        "last5_accuracy": statistics.fmean(last),
+        "last5_delta": statistics.fmean(last_delta),
+        "last5_delta_range": [min(last_delta), max(last_delta)],
+        "bits_per_param": statistics.fmean(p["bits_per_param"] for r in runs for p in r["trace"]),
+        "wall_s": sum(r["wall_s"] for r in runs),
     }
 
 
@@ -211,16 +221,25 @@ def goals(row: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def _delta_text(mean: float, bounds: list[float]) -> str:
+    """A paired accuracy difference in points, with its range over seeds when there are several."""
+    low, high = bounds
+    if low == high:
+        return f"{100 * mean:+.1f}"
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = (
-        "| codec | final acc | Δ vs none (pt) | last-5 acc | Δ last-5 (pt) | uplink bits/param "
+        "| codec | final acc | Δ final (pt) | last-5 acc | Δ last-5 (pt) | uplink bits/param "
         "| encode ms/1M | decode ms/1M | enc+dec ms/1M |"
     )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['codec']} | {r['final_accuracy']:.4f} | {100 * r['accuracy_delta']:+.1f} "
-            f"| {r['last5_accuracy']:.4f} | {100 * r['last5_delta']:+.1f} "
+            f"| {r['codec']} | {r['final_accuracy']:.4f} "
+            f"| {_delta_text(r['accuracy_delta'], r['accuracy_delta_range'])} "
+            f"| {r['last5_accuracy']:.4f} | {_delta_text(r['last5_delta'], r['last5_delta_range'])} "
             f"| {r['bits_per_param']:.3f} | {r['encode_ms']:.1f} | {r['decode_ms']:.1f} "
             f"| {r['codec_ms']:.1f} |"
         )
@@ -233,14 +252,23 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
     slow = [f"{r['codec']} ({r['codec_ms']:.0f} ms)" for r in rows if not r["goals"]["time"]]
     return [
         f"- CO3 at ≤ {BITS_GOAL:g} bits/param with ≤ {100 * ACCURACY_GOAL:g} point accuracy loss "
-        f"(final and last-{LAST} mean): "
+        f"(mean paired Δ of the final and of the last-{LAST} accuracy): "
         + (f"met by {', '.join(meeting)}." if meeting else "not met by any CO3 setting."),
         f"- Encode + decode of 1M parameters under {TIME_GOAL_MS:g} ms on one core: "
         + (f"not met by {', '.join(slow)}." if slow else "met by every codec."),
     ]
 
 
-def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+def mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """Test accuracy per round, averaged over a codec's seeds."""
+    rounds = [p["round"] for p in runs[0]["trace"]]
+    accuracy = [statistics.fmean(r["trace"][i]["accuracy"] for r in runs) for i in range(len(rounds))]
+    return rounds, accuracy
+
+
+def plot(
+    curves: dict[str, tuple[list[int], list[float]]], rows: list[dict[str, Any]], path: Path, title: str
+) -> Path:
     """Accuracy against round per codec (left) and uplink bits/param per codec (right, log)."""
     import matplotlib
 
@@ -248,15 +276,12 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, 
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    for result in results:
-        trace = result["trace"]
-        left.plot(
-            [p["round"] for p in trace], [p["accuracy"] for p in trace],
-            label=result["label"], lw=1.3, ls="-" if result["label"].startswith("co3") else "--",
-        )
+    for label, (rounds, accuracy) in curves.items():
+        left.plot(rounds, accuracy, label=label, lw=1.3, ls="-" if label.startswith("co3") else "--")
     left.set_xlabel("round")
-    left.set_ylabel("test accuracy")
-    left.set_ylim(bottom=max(0.0, min(p["accuracy"] for r in results for p in r["trace"][2:]) - 0.02))
+    left.set_ylabel("test accuracy (mean over seeds)")
+    floor = min(a for _, accuracy in curves.values() for a in accuracy[len(accuracy) // 5 :])
+    left.set_ylim(bottom=max(0.0, floor - 0.02))
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     labels = [r["codec"] for r in rows]
@@ -276,52 +301,63 @@ def plot(results: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path, 
 
 
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
-    """Train with every codec, time every codec; write JSON, Markdown and the plot to ``out_dir``."""
+    """Train with every codec and seed, time every codec; write JSON, Markdown and plot to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # a small MLP: threads only add overhead, and timings are 1-core
     rounds = QUICK_ROUNDS if quick else ROUNDS
+    seeds = QUICK_SEEDS if quick else SEEDS
     timing_params = QUICK_TIMING_PARAMS if quick else TIMING_PARAMS
     repeats = QUICK_TIMING_REPEATS if quick else TIMING_REPEATS
-    results = []
+    runs: dict[str, list[dict[str, Any]]] = {}
     for variant in VARIANTS:
-        results.append(train(variant, rounds))
-        print(
-            f"{variant.label}: accuracy {results[-1]['trace'][-1]['accuracy']:.4f}, "
-            f"{results[-1]['wall_s']:.0f} s",
-            flush=True,
-        )
-    reference = results[0]
-    cfg = parse_run_config({**TASK, **VARIANTS[0].config})
-    update = resample(client_delta(cfg, reference["final_params"], rounds + 1), timing_params)
+        runs[variant.label] = [train(variant, rounds, seed) for seed in seeds]
+        final = [r["trace"][-1]["accuracy"] for r in runs[variant.label]]
+        wall = sum(r["wall_s"] for r in runs[variant.label])
+        print(f"{variant.label}: final accuracy {final}, {wall:.0f} s", flush=True)
+    reference = runs[VARIANTS[0].label]
+    cfg = parse_run_config({**TASK, **VARIANTS[0].config, "seed": seeds[0]})
+    delta = client_delta(cfg, reference[0]["final_params"], rounds + 1)
+    update = resample(delta, timing_params)
     rows = []
-    for variant, result in zip(VARIANTS, results, strict=True):
-        row = {**summarize(result, reference), **codec_time(variant, update, repeats)}
+    for variant in VARIANTS:
+        row = {**summarize(runs[variant.label], reference), **codec_time(variant, update, repeats)}
         row["goals"] = goals(row)
         rows.append(row)
+    none_final = [r["trace"][-1]["accuracy"] for r in reference]
     title = (
         f"MNIST (5k) Dirichlet 0.3, {NUM_NODES} clients, {TASK['clients-per-round']}/round, "
-        f"MLP ({reference['num_params']:,} params), FedAvg, {rounds} rounds, seed {TASK['seed']}"
+        f"MLP ({reference[0]['num_params']:,} params), FedAvg, {rounds} rounds, "
+        f"seeds {', '.join(map(str, seeds))}"
+    )
+    accuracy_note = (
+        "Accuracies are means over seeds; Δ is paired by seed against none, in points, "
+        "[range over seeds]. none's final accuracy per seed: "
+        f"{', '.join(f'{a:.4f}' for a in none_final)}."
+    )
+    timing_note = (
+        f"Times: CPU ms per 10^6 parameters, one thread, median of {repeats}, on a "
+        f"{timing_params:,}-parameter update resampled from a real client delta; encode includes "
+        "error feedback."
     )
     table = markdown_table(rows)
     lines = goal_lines(rows)
-    timing_note = (
-        f"Times: CPU ms per 10^6 parameters, one thread, median of {repeats}, on a "
-        f"{timing_params:,}-parameter update resampled from a real client delta."
-    )
-    markdown = "\n".join([f"{title}.", "", table, "", *lines, "", timing_note])
+    markdown = "\n".join([f"{title}.", "", table, "", *lines, "", accuracy_note, timing_note])
     print(markdown, flush=True)
     report = {
         "quick": quick,
-        "task": {**TASK, "num_nodes": NUM_NODES, "rounds": rounds},
+        "task": {**TASK, "num_nodes": NUM_NODES, "rounds": rounds, "seeds": list(seeds)},
         "timing": {"num_params": timing_params, "repeats": repeats},
         "summary": rows,
         "goals": lines,
-        "runs": [{k: v for k, v in r.items() if k != "final_params"} for r in results],
+        "runs": [
+            {k: v for k, v in r.items() if k != "final_params"} for rs in runs.values() for r in rs
+        ],
     }
     (out_dir / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "compression.md").write_text(markdown + "\n")
-    plot(results, rows, out_dir / "compression.png", title)
+    curves = {label: mean_curve(label_runs) for label, label_runs in runs.items()}
+    plot(curves, rows, out_dir / "compression.png", title)
     return report
 
 

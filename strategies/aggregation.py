@@ -32,7 +32,27 @@ class RunningWeightedSum:
         self.total_weight += weight
         self.count += 1
 
-    def merge(self, other: "RunningWeightedSum") -> None:
+    @classmethod
+    def from_sum(cls, total: Params, total_weight: float, count: int) -> RunningWeightedSum:
+        """A partial sum computed elsewhere (a packed worker's reply): ``Σ w_i Δ_i``, ``Σ w_i``, count."""
+        if count < 1 or not (np.isfinite(total_weight) and total_weight >= 0):
+            raise ValueError(
+                f"a partial sum needs count >= 1 and a finite weight >= 0; got count={count}, "
+                f"total_weight={total_weight}"
+            )
+        part = cls()
+        part._sum = {k: np.array(v, dtype=np.float64) for k, v in total.items()}
+        part.total_weight = float(total_weight)
+        part.count = int(count)
+        return part
+
+    def sum64(self) -> Params:
+        """The weighted sum in float64, as accumulated (for shipping a partial sum exactly)."""
+        if self._sum is None:
+            raise ValueError("no update was added")
+        return dict(self._sum)
+
+    def merge(self, other: RunningWeightedSum) -> None:
         """Add another partial sum (e.g. one pre-aggregated by a packed worker)."""
         if other._sum is None:
             return

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from fedserver.config import RunConfig
 from privacy.ledger import PrivacyLedger
 from privacy.mechanisms import DpSpec
 from strategies.async_driver import AsyncDriver
-from strategies.codecs import Codec, CodecSpec, build_codec
+from strategies.codecs import Codec, CodecSpec, build_codec, build_error_feedback
+from strategies.packed_layout import PackedLayout
+from strategies.private_aggregation import PrivateAggregation
 from strategies.server_optimizers import ServerOptimizerSpec, build_server_optimizer
 from strategies.staleness import StalenessPolicy
-from strategies.private_aggregation import PrivateAggregation
 from strategies.strategy import PollenStrategy
 from strategies.updates import UpdateLimits
 from strategies.virtual_clock import ClockSpec, VirtualClock
@@ -66,8 +66,37 @@ def dp_spec(cfg: RunConfig) -> DpSpec:
     )
 
 
-def build_strategy(cfg: RunConfig, run_dir: Path | None = None) -> PollenStrategy:
-    """The run's strategy; with DP on, its ledger goes to ``<run_dir>/privacy/ledger.jsonl``."""
+def update_limits(cfg: RunConfig) -> UpdateLimits:
+    """The bounds every update is validated against (by the server, or a packed worker)."""
+    return UpdateLimits(max_update_norm=cfg.max_update_norm, max_payload_bytes=cfg.max_payload_bytes)
+
+
+def clients_keep_state(cfg: RunConfig) -> bool:
+    """Whether clients carry private state from round to round (error feedback, DP-SGD).
+
+    The packed layout then gives every client a fixed home worker, where its state lives.
+    """
+    codec = build_codec_for(cfg)
+    return build_error_feedback(codec_spec(cfg), codec) is not None or cfg.dpsgd
+
+
+def build_layout(cfg: RunConfig, num_examples: Callable[[int], int] | None = None) -> PackedLayout | None:
+    """The packed layout for ``virtual-clients`` > 0; ``None``: one SuperNode per client."""
+    if not cfg.virtual_clients:
+        return None
+    return PackedLayout(cfg.virtual_clients, sticky=clients_keep_state(cfg), num_examples=num_examples)
+
+
+def build_strategy(
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    *,
+    num_examples: Callable[[int], int] | None = None,
+) -> PollenStrategy:
+    """The run's strategy; with DP on, its ledger goes to ``<run_dir>/privacy/ledger.jsonl``.
+
+    ``num_examples`` (client id → examples) balances the packed layout's shares.
+    """
     privacy = None
     if cfg.dp != "off":
         privacy = PrivateAggregation(
@@ -82,11 +111,10 @@ def build_strategy(cfg: RunConfig, run_dir: Path | None = None) -> PollenStrateg
         seed=cfg.seed,
         fraction_evaluate=cfg.fraction_evaluate,
         codec=build_codec_for(cfg),
-        limits=UpdateLimits(
-            max_update_norm=cfg.max_update_norm, max_payload_bytes=cfg.max_payload_bytes
-        ),
+        limits=update_limits(cfg),
         min_replies=cfg.min_replies,
         privacy=privacy,
+        layout=build_layout(cfg, num_examples),
     )
 
 

@@ -22,10 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from fedserver.config import ConfigError
 from privacy.accountants import build_accountant
 from privacy.budget import BudgetGuard
 from privacy.ledger import PrivacyLedger
-from privacy.mechanisms import CentralDpAggregator, DpSpec, NormBoundExceeded
+from privacy.mechanisms import (
+    CLIENT_NORM_RTOL,
+    CentralDpAggregator,
+    DpSpec,
+    NormBoundExceeded,
+    global_l2_norm,
+)
 from privacy.sampling import Cohort, build_sampler
 from strategies.sampling import round_rng
 from strategies.updates import ClientUpdate, UpdateRejected
@@ -75,8 +82,12 @@ class PrivateAggregation:
 
     # --- set-up once the federation is known ---------------------------------------------
     def setup(self, node_ids: Sequence[int]) -> None:
-        """Fix the population from the connected nodes (first round, or after a resume)."""
-        nodes = sorted(node_ids)
+        """Fix the population from the connected nodes (first round, or after a resume).
+
+        The packed layout passes its virtual client ids as ``range(N)``; a range is kept as
+        it is, so no per-population list is built.
+        """
+        nodes = node_ids if isinstance(node_ids, range) else sorted(node_ids)
         population = self.spec.population or len(nodes)
         if population > len(nodes):
             raise ValueError(
@@ -102,6 +113,24 @@ class PrivateAggregation:
         if self._pending_state is not None:
             self.aggregator.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._check_target_reachable()
+
+    def _check_target_reachable(self) -> None:
+        """Fail at once, naming the keys to change, if not even one round fits the budget."""
+        if self.guard is None or len(self.guard.accountant) > 0:  # a resumed run may stop
+            return
+        assert self.aggregator is not None
+        mechanism = self.aggregator.next_mechanism()
+        first = self.guard.epsilon_after(mechanism)
+        if first > self.guard.target_epsilon:
+            raise ConfigError(
+                f"run-config key 'dp-target-epsilon' ({self.guard.target_epsilon:g}) is below the "
+                f"epsilon of a single round ({first:.4g} with dp-noise-multiplier="
+                f"{self.spec.noise_multiplier:g}, q={mechanism.sample_rate:g}, "
+                f"dp-delta={self.spec.delta:g}), so no round can run; raise dp-noise-multiplier "
+                "(`pollen privacy plan` finds the z for a target), lower the sampling rate, or "
+                "raise the target"
+            )
 
     @property
     def ready(self) -> bool:
@@ -147,6 +176,40 @@ class PrivateAggregation:
                 self._sum[k] += v
         self._participants.append(update.node_id)
 
+    def add_batch(
+        self, total: Params, *, count: int, unclipped: int, participants: Sequence[int]
+    ) -> None:
+        """Add a packed worker's sum of ``count`` already bounded updates (weight 1 each).
+
+        The worker bounded every client's update on its own with
+        :func:`privacy.mechanisms.bound_update` at this round's C before summing (see
+        :meth:`~privacy.mechanisms.CentralDpAggregator.add_prepared` for why the sensitivity
+        is unchanged). A sum longer than ``count``·C cannot come from such updates (triangle
+        inequality) and is rejected whole.
+        """
+        assert self.aggregator is not None
+        if count < 1 or len(participants) != count:
+            raise UpdateRejected(
+                f"a prepared batch needs count >= 1 and one participant per update; got "
+                f"count={count}, {len(participants)} participants"
+            )
+        norm = global_l2_norm(total)
+        bound = count * self.aggregator.clip * (1 + CLIENT_NORM_RTOL)
+        if not norm <= bound:
+            raise UpdateRejected(
+                f"batch of {count} bounded updates has norm {norm:.6g} > count·C = {bound:.6g}"
+            )
+        try:
+            self.aggregator.add_prepared(count, unclipped)
+        except ValueError as err:
+            raise UpdateRejected(str(err)) from None
+        if self._sum is None:
+            self._sum = {k: np.array(v, dtype=np.float64) for k, v in total.items()}
+        else:
+            for k, v in total.items():
+                self._sum[k] += v
+        self._participants.extend(int(p) for p in participants)
+
     def release(self, server_round: int, like: Params) -> tuple[Params, dict[str, float]]:
         """Noise the sum, record the release durably, return (noised average, metrics)."""
         assert self.aggregator is not None and self._cohort is not None
@@ -182,3 +245,24 @@ class PrivateAggregation:
             self._pending_state = state
         else:
             self.aggregator.load_state_dict(state)
+
+
+def client_dpsgd_metrics(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """Row fields from the sample-level DP-SGD ε each client reported (``dpsgd_epsilon``).
+
+    ``dpsgd_epsilon_max`` is the guarantee that holds for every example of these clients;
+    ``dpsgd_epsilon_mean`` shows the spread (clients that joined more rounds spent more). Empty
+    when no client ran DP-SGD. Clients report their own ε in the clear, so these describe the
+    clients' accounting, not something the server verified.
+    """
+    epsilons = [
+        float(update.metrics["dpsgd_epsilon"])
+        for update in updates
+        if "dpsgd_epsilon" in update.metrics
+    ]
+    if not epsilons:
+        return {}
+    return {
+        "dpsgd_epsilon_max": max(epsilons),
+        "dpsgd_epsilon_mean": float(np.mean(epsilons)),
+    }

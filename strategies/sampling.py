@@ -28,8 +28,12 @@ class FixedSizeSampler:
         self.seed = seed
 
     def sample(self, server_round: int, clients: Sequence[int], attempt: int = 0) -> list[int]:
-        """The round's cohort; a retry (``attempt`` > 0) draws an independent one."""
-        ordered = sorted(clients)
+        """The round's cohort; a retry (``attempt`` > 0) draws an independent one.
+
+        ``clients`` may be a ``range`` (the packed layout's virtual client ids), which is
+        indexed as it is: no per-population list is built.
+        """
+        ordered = clients if isinstance(clients, range) and clients.step > 0 else sorted(clients)
         m = min(self.clients_per_round, len(ordered))
         rng = round_rng(self.seed, server_round) if attempt == 0 else np.random.default_rng(
             [self.seed, server_round, 0, attempt]

@@ -28,13 +28,17 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies import wire
 from strategies.aggregation import RunningWeightedSum, WeightedScalars
-from strategies.private_aggregation import PrivateAggregation
+from strategies.packed_layout import OK, REJECTED, PackedLayout
+from strategies.private_aggregation import PrivateAggregation, client_dpsgd_metrics
 from strategies.sampling import FixedSizeSampler, round_rng
 from strategies.updates import ClientUpdate, UpdateLimits, UpdateRejected, decode_reply
 
 log = logging.getLogger("pollen")
 
 Params = dict[str, np.ndarray]
+
+CLIENT_INFO = "client-info"
+"""ConfigRecord of a Pollen train reply describing the client, e.g. ``{"device": "cuda"}``."""
 
 
 def to_params(arrays: ArrayRecord) -> Params:
@@ -59,6 +63,9 @@ class RoundStats:
     missing: int = 0  # sampled clients whose reply never arrived (timeout)
     attempt: int = 0  # retries of this round after too few valid updates
     applied: bool = False  # whether the round changed the global model
+    # Traffic per client: the whole reply / message content. In the packed layout, bytes up
+    # are the clients' encoded updates (what one-client replies carry, less their few
+    # hundred bytes of metrics) and bytes down the model + config sent per client.
     bytes_up: int = 0
     bytes_down: int = 0
     payload_bytes: int = 0
@@ -66,8 +73,9 @@ class RoundStats:
     train_loss: float = float("nan")
     client_metrics: dict[str, float] = field(default_factory=dict)
     rejections: list[str] = field(default_factory=list)
-    cohort: list[int] = field(default_factory=list)  # node ids sent the round's model
+    cohort: list[int] = field(default_factory=list)  # node ids (packed: client ids) sampled
     privacy_metrics: dict[str, float] = field(default_factory=dict)  # epsilon, delta, dp_*
+    devices: dict[str, int] = field(default_factory=dict)  # accepted updates per client device
 
 
 class PollenStrategy(Strategy):
@@ -97,6 +105,10 @@ class PollenStrategy(Strategy):
         Central DP: replaces cohort sampling and the example-weighted mean by DP sampling and
         the clipped/normalized, noised sum over a fixed denominator (see
         :mod:`strategies.private_aggregation`).
+    layout : PackedLayout, optional
+        Packed virtual clients (:mod:`strategies.packed_layout`): the cohort is sampled over
+        the virtual client ids, each worker node gets one message with its share, and its
+        reply is a pre-aggregated sum that is merged here. ``None``: one node per client.
     """
 
     def __init__(
@@ -111,6 +123,7 @@ class PollenStrategy(Strategy):
         limits: UpdateLimits | None = None,
         min_replies: int = 1,
         privacy: PrivateAggregation | None = None,
+        layout: PackedLayout | None = None,
     ) -> None:
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
@@ -118,6 +131,7 @@ class PollenStrategy(Strategy):
         self.limits = limits
         self.min_replies = min_replies
         self.privacy = privacy
+        self.layout = layout
         self.attempt = 0
         self.sampler = FixedSizeSampler(clients_per_round, seed)
         self.seed = seed
@@ -127,6 +141,8 @@ class PollenStrategy(Strategy):
         self.global_params: Params | None = None
         self._sent: Params | None = None
         self.last_round: RoundStats | None = None
+        # The round's accepted updates; in the packed layout, per-client records whose deltas
+        # stay empty (they were summed on the workers).
         self.last_updates: list[ClientUpdate] = []
 
     # --- Flower Strategy ABC ------------------------------------------------------------
@@ -136,21 +152,25 @@ class PollenStrategy(Strategy):
         self.global_params = to_params(arrays)
         self._sent = self.optimizer.send_point(self.global_params)
         node_ids = list(grid.get_node_ids())
+        # Clients are the nodes, or the packed layout's virtual client ids (a range).
+        clients = node_ids if self.layout is None else self.layout.population
         round_config = self._round_config(server_round, config)
         if self.privacy is not None:
             if not self.privacy.ready:
-                self.privacy.setup(node_ids)
+                self.privacy.setup(clients)
             cohort = self.privacy.cohort(server_round)
             for k, v in self.privacy.client_config().items():
                 round_config[k] = v
         else:
-            cohort = self.sampler.sample(server_round, node_ids, attempt=self.attempt)
+            cohort = self.sampler.sample(server_round, clients, attempt=self.attempt)
         content = RecordDict({wire.ARRAYS: to_arrayrecord(self._sent), wire.CONFIG: round_config})
         self.last_round = RoundStats(
             server_round=server_round, sampled=len(cohort), cohort=list(cohort), attempt=self.attempt
         )
         # Every client is sent the same content: bytes down are counted per recipient.
         self.last_round.bytes_down = wire.content_size(content) * len(cohort)
+        if self.layout is not None:
+            return self.layout.train_messages(cohort, node_ids, content)
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in cohort
         ]
@@ -166,6 +186,9 @@ class PollenStrategy(Strategy):
         self.last_updates = []
         received = 0
         for reply in replies:
+            if self.layout is not None:
+                received += self._add_share(server_round, reply, stats, total, client_metrics)
+                continue
             received += 1
             if reply.has_error():
                 stats.failed += 1
@@ -195,6 +218,9 @@ class PollenStrategy(Strategy):
             total.add(update.delta, update.num_examples)
             client_metrics.add(update.metrics, update.num_examples)
             self.last_updates.append(update)
+            info = reply.content.config_records.get(CLIENT_INFO)
+            if info is not None and "device" in info:
+                stats.devices[str(info["device"])] = stats.devices.get(str(info["device"]), 0) + 1
         stats.clients = total.count
         stats.missing = max(0, stats.sampled - received)
         self.last_round = stats
@@ -212,6 +238,7 @@ class PollenStrategy(Strategy):
             mean_delta, stats.privacy_metrics = self.privacy.release(server_round, self._sent)
         else:
             mean_delta = total.mean()
+        stats.privacy_metrics.update(client_dpsgd_metrics(self.last_updates))
         self.global_params = self.optimizer.step(self.global_params, mean_delta)
         stats.applied = True
         stats.client_metrics = client_metrics.means()
@@ -268,6 +295,69 @@ class PollenStrategy(Strategy):
             getattr(self.codec, "name", "none"),
             self.fraction_evaluate,
         )
+
+    def _add_share(
+        self,
+        server_round: int,
+        reply: Message,
+        stats: RoundStats,
+        total: RunningWeightedSum,
+        client_metrics: WeightedScalars,
+    ) -> int:
+        """Merge one packed worker's reply; returns how many sampled clients it accounts for.
+
+        The worker already decoded and validated each client's update (and, with DP, bounded
+        it); here its sum is checked and merged, and its per-client records are counted
+        exactly as one-client replies would be.
+        """
+        assert self.layout is not None and self._sent is not None
+        node = reply.metadata.src_node_id
+        share = self.layout.share(node)
+        if reply.has_error():
+            stats.failed += len(share)
+            stats.rejections.append(f"node {node} ({len(share)} clients): {reply.error.reason}")
+            log.warning("round %d: node %d failed: %s", server_round, node, reply.error.reason)
+            return len(share)
+        try:
+            report = self.layout.read_reply(reply, self._sent, private=self.privacy is not None)
+            accepted = report.accepted
+            if self.privacy is not None and accepted:
+                self.privacy.add_batch(
+                    report.total.sum64(),
+                    count=len(accepted),
+                    unclipped=sum(c.unclipped for c in accepted),
+                    participants=[c.client_id for c in accepted],
+                )
+        except UpdateRejected as reason:
+            stats.rejected += len(share)
+            stats.rejections.append(f"node {node} ({len(share)} clients): {reason}")
+            log.warning("round %d: rejected packed reply of node %d: %s", server_round, node, reason)
+            return len(share)
+        for client in report.clients:
+            if client.status == OK:
+                stats.bytes_up += client.payload_bytes
+                stats.payload_bytes += client.payload_bytes
+                client_metrics.add(client.metrics, client.num_examples)
+                self.last_updates.append(
+                    ClientUpdate(
+                        node_id=client.client_id,
+                        delta={},
+                        num_examples=client.num_examples,
+                        metrics=client.metrics,
+                        bytes_up=client.payload_bytes,
+                        payload_bytes=client.payload_bytes,
+                    )
+                )
+                continue
+            if client.status == REJECTED:
+                stats.rejected += 1
+                log.warning("round %d: rejected update: %s", server_round, client.reason)
+            else:
+                stats.failed += 1
+                log.warning("round %d: %s", server_round, client.reason)
+            stats.rejections.append(client.reason)
+        total.merge(report.total)
+        return len(report.clients)
 
     # --- checkpoint state ---------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -108,39 +108,18 @@ def decode_reply(
             f"node {node}: reply must hold an '{wire.UPDATE}' ArrayRecord or exactly one "
             f"ArrayRecord with the full model, got {sorted(arrays)}"
         )
+    source = f"node {node}"
     # Size is checked before any decoding work is spent on the payload.
-    if limits is not None:
-        limit = limits.payload_limit(sum(v.size for v in sent.values()))
-        if payload_bytes > limit:
-            raise UpdateRejected(
-                f"node {node}: payload of {payload_bytes} bytes exceeds the limit of {limit} bytes"
-            )
+    check_payload_size(source, payload_bytes, sent, limits)
     if wire.UPDATE in arrays:
         payload = {k: v.numpy() for k, v in record.items()}
         header = dict(content.config_records.get(wire.CODEC, {}))
-        if codec is None:
-            delta = payload
-        else:
-            like = {k: (v.shape, v.dtype) for k, v in sent.items()}
-            try:
-                delta = codec.decode(payload, header, like)
-            except ValueError as err:
-                raise UpdateRejected(f"node {node}: malformed {codec.name} payload: {err}") from None
+        delta = decode_payload(source, payload, header, sent, codec)
     else:  # a stock Flower client: its full model, made a delta against what it was sent
         model = {k: v.numpy() for k, v in record.items()}
-        _check_shapes(node, model, sent)
+        _check_shapes(source, model, sent)
         delta = {k: (model[k].astype(np.float32) - sent[k]) for k in sent}
-    _check_shapes(node, delta, sent)
-    for k, v in delta.items():
-        if not np.all(np.isfinite(v)):
-            raise UpdateRejected(f"node {node}: non-finite values in '{k}'")
-    delta = {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
-    if limits is not None and limits.max_update_norm:
-        norm = params_norm(delta)
-        if norm > limits.max_update_norm:
-            raise UpdateRejected(
-                f"node {node}: update norm {norm:.4g} exceeds max-update-norm {limits.max_update_norm:g}"
-            )
+    delta, _ = validate_delta(source, delta, sent, limits)
     clean_metrics = {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != wire.NUM_EXAMPLES
     }
@@ -154,14 +133,71 @@ def decode_reply(
     )
 
 
-def _check_shapes(node: int, got: Params, sent: Params) -> None:
+def check_payload_size(
+    source: str, payload_bytes: int, sent: Params, limits: UpdateLimits | None
+) -> None:
+    """Reject a payload above the size limit (before any decoding work is spent on it)."""
+    if limits is None:
+        return
+    limit = limits.payload_limit(sum(v.size for v in sent.values()))
+    if payload_bytes > limit:
+        raise UpdateRejected(
+            f"{source}: payload of {payload_bytes} bytes exceeds the limit of {limit} bytes"
+        )
+
+
+def decode_payload(source: str, payload: Params, header: dict, sent: Params, codec=None) -> Params:
+    """Decode a Pollen codec payload into a dense delta shaped like ``sent``.
+
+    ``source`` names the sender in rejection messages (``"node 7"``, ``"client 42"``).
+    """
+    if codec is None:
+        return payload
+    like = {k: (v.shape, v.dtype) for k, v in sent.items()}
+    try:
+        return codec.decode(payload, header, like)
+    except ValueError as err:
+        raise UpdateRejected(f"{source}: malformed {codec.name} payload: {err}") from None
+
+
+def validate_delta(
+    source: str, delta: Params, sent: Params, limits: UpdateLimits | None = None
+) -> tuple[Params, float]:
+    """Check a decoded dense delta and return it as float32 with its L2 norm.
+
+    The one validation every update passes, whoever decoded it: the server for a reply,
+    or a packed worker for each of its virtual clients, so both layouts accept and reject
+    exactly the same updates.
+
+    Raises
+    ------
+    UpdateRejected
+        Wrong keys, shapes or dtypes, non-finite values, or a norm above
+        ``limits.max_update_norm``.
+    """
+    _check_shapes(source, delta, sent)
+    delta = {k: np.asarray(v, dtype=np.float32) for k, v in delta.items()}
+    # The float64 sum of squares is finite exactly when every value is (no float32 square
+    # overflows float64), so one pass both checks the values and gives the norm.
+    norm = params_norm(delta)
+    if not np.isfinite(norm):
+        bad = next(k for k, v in delta.items() if not np.all(np.isfinite(v)))
+        raise UpdateRejected(f"{source}: non-finite values in '{bad}'")
+    if limits is not None and limits.max_update_norm and norm > limits.max_update_norm:
+        raise UpdateRejected(
+            f"{source}: update norm {norm:.4g} exceeds max-update-norm {limits.max_update_norm:g}"
+        )
+    return delta, norm
+
+
+def _check_shapes(source: str, got: Params, sent: Params) -> None:
     if got.keys() != sent.keys():
         missing, extra = sorted(sent.keys() - got.keys()), sorted(got.keys() - sent.keys())
-        raise UpdateRejected(f"node {node}: wrong arrays (missing {missing}, unexpected {extra})")
+        raise UpdateRejected(f"{source}: wrong arrays (missing {missing}, unexpected {extra})")
     for k, ref in sent.items():
         if got[k].shape != ref.shape:
             raise UpdateRejected(
-                f"node {node}: '{k}' has shape {got[k].shape}, expected {ref.shape}"
+                f"{source}: '{k}' has shape {got[k].shape}, expected {ref.shape}"
             )
         if not np.issubdtype(got[k].dtype, np.floating):
-            raise UpdateRejected(f"node {node}: '{k}' has non-float dtype {got[k].dtype}")
+            raise UpdateRejected(f"{source}: '{k}' has non-float dtype {got[k].dtype}")

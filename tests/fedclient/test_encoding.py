@@ -165,3 +165,23 @@ def test_memory_that_does_not_match_the_update_is_refused():
         encoder.encode(delta, {MEMORY_PREFIX + k: np.zeros(3, np.float32) for k in delta})
     with pytest.raises(ValueError, match="memory covers"):
         encoder.encode(delta, {MEMORY_PREFIX + "other": np.zeros(3, np.float32)})
+
+
+def test_a_per_round_transform_replaces_the_encoders_own():
+    """The round's transform (e.g. clipping to the server's current C) wins over the default."""
+
+    def scale_by(factor: float):
+        def transform(delta):
+            return {k: v * np.float32(factor) for k, v in delta.items()}, {"factor": factor}
+
+        return transform
+
+    spec = CodecSpec(name="none")
+    encoder = _encoder(spec, transform=scale_by(2.0))
+    delta = _delta(np.random.default_rng(6))
+    for transform, factor in [(None, 2.0), (scale_by(0.5), 0.5)]:
+        payload, header, _, metrics = encoder.encode(delta, {}, transform)
+        decoded = _decode(spec, payload, header, like_of(delta))
+        assert metrics["factor"] == factor
+        for k in delta:
+            np.testing.assert_array_equal(decoded[k], delta[k] * np.float32(factor))
