@@ -3,7 +3,8 @@
 The same app runs as a simulated client (``partition-id``/``num-partitions`` in the node
 config) and on a real device (``data-path`` in the node config). Everything heavy (config,
 data partitions, tensors on the device, the model object) is cached per process, so repeated
-rounds do not rebuild it.
+rounds do not rebuild it. In the packed layout (``virtual-clients`` > 0) a node is a worker
+that hosts many virtual clients; its TRAIN messages go to :mod:`fedclient.packed_worker`.
 """
 
 from __future__ import annotations

@@ -55,15 +55,24 @@ class UpdateEncoder:
         """
         metrics: dict[str, float] = {}
         transform = transform or self.transform
-        if transform is not None:
-            delta, extra = transform(delta)
-            metrics.update(extra)
         if self.error_feedback is None:
+            if transform is not None:
+                delta, extra = transform(delta)
+                metrics.update(extra)
             payload, header, _ = self.codec.encode(delta, {})
             new_state = dict(state)
         else:
+            bound = None
+            if transform is not None:
+                # Bound the memory-corrected vector that is actually encoded (not the raw
+                # delta), so the decoded update stays within C up to codec rounding.
+                def bound(corrected: Params) -> Params:
+                    bounded, extra = transform(corrected)
+                    metrics.update(extra)
+                    return bounded
+
             memory = {k[len(MEMORY_PREFIX):]: v for k, v in state.items() if k.startswith(MEMORY_PREFIX)}
-            payload, header, memory, _ = self.error_feedback.encode(delta, memory, {})
+            payload, header, memory, _ = self.error_feedback.encode(delta, memory, {}, bound)
             new_state = {k: v for k, v in state.items() if not k.startswith(MEMORY_PREFIX)}
             new_state.update({MEMORY_PREFIX + k: v for k, v in memory.items()})
             metrics["ef_norm"] = float(

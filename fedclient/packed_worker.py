@@ -125,6 +125,7 @@ def train_share(
             mode=str(round_config["dp-mode"]),
             where=str(round_config["dp-where"]),
             adaptive=cfg.dp_adaptive,
+            codec_tolerance=float(round_config.get("dp-codec-tolerance", 0.0)),
         )
     # With dp-where=client the client's own unclipped bit goes with its update.
     client_bit = round_config.get("dp-where") == "client"

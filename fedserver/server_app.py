@@ -74,7 +74,8 @@ def progress_line(row: dict, num_rounds: int) -> str:
     return (
         f"round {row['round']:>3}/{num_rounds} | acc {num('accuracy', '.4f')} | "
         f"eval_loss {num('eval_loss', '.4f')} | train_loss {num('train_loss', '.4f')} | "
-        f"clients {row['clients']}"
+        + (f"client_acc {num('client_accuracy', '.4f')} | " if "client_accuracy" in row else "")
+        + f"clients {row['clients']}"
         + (" (skipped: too few replies, model unchanged)" if row.get("skipped") else "")
         + (f" (retries {row['retries']})" if row.get("retries") else "")
         + (f" (rejected {row['rejected']})" if row.get("rejected") else "")

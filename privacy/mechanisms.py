@@ -128,6 +128,7 @@ def bound_update(
     where: str,
     adaptive: bool = False,
     client_unclipped: bool | None = None,
+    codec_tolerance: float = 0.0,
 ) -> tuple[Params, bool]:
     """The server's per-update DP step: bound one client's update to norm ≤ C.
 
@@ -136,6 +137,9 @@ def bound_update(
     ‖Δ‖ > C·(1 + 1e-5), else clip to exactly C (removing float32 rounding excess). With
     adaptive clipping the client's own bit ``client_unclipped`` (‖Δ‖ ≤ C before its
     clipping) is required, since the server cannot see the original norm.
+    ``codec_tolerance`` (``where="client"``): a decoded norm in (C, C·(1 + tolerance)] is a
+    lossy codec's rounding of a clipped update, not a misbehaving client, and is clipped to C
+    first. Every accepted update has norm ≤ C either way, so the sensitivity stays C.
 
     Returns ``(prepared, unclipped)``.
     """
@@ -143,6 +147,8 @@ def bound_update(
         if client_unclipped is not None:
             raise ValueError("client_unclipped is only used with where='client'")
         return prepare_client_update(update, clip=clip, mode=mode)
+    if codec_tolerance > 0 and clip < global_l2_norm(update) <= clip * (1 + codec_tolerance):
+        update, _ = clip_update(update, clip)
     norm = _finite_norm(update)
     if norm > clip * (1 + CLIENT_NORM_RTOL):
         raise NormBoundExceeded(f"client update norm {norm:.6g} exceeds the clip norm C={clip:.6g}")
@@ -360,7 +366,13 @@ class CentralDpAggregator:
         """Accounting content of the next release (for ``BudgetGuard.would_exceed``)."""
         return self.sampler.mechanism(self.population, self.spec.noise_multiplier)
 
-    def prepare(self, update: Params, *, client_unclipped: bool | None = None) -> Params:
+    def prepare(
+        self,
+        update: Params,
+        *,
+        client_unclipped: bool | None = None,
+        codec_tolerance: float = 0.0,
+    ) -> Params:
         """Bound one client's update to norm ≤ C (:func:`bound_update`) and tally its bit.
 
         Every prepared update must enter the sum passed to :meth:`release`.
@@ -372,6 +384,7 @@ class CentralDpAggregator:
             where=self.spec.where,
             adaptive=self.spec.adaptive,
             client_unclipped=client_unclipped,
+            codec_tolerance=codec_tolerance,
         )
         self._prepared += 1
         self._unclipped += int(unclipped)

@@ -30,6 +30,7 @@ def _lazy(module: str) -> Benchmark:
 BENCHMARKS: dict[str, Benchmark] = {
     "optimizers": _lazy("simulations.bench_optimizers"),
     "compression": _lazy("simulations.bench_compression"),
+    "privacy": _lazy("simulations.bench_privacy"),
     "codecs": _lazy("simulations.bench_codecs"),
 }
 """Benchmark name → runner; ``all`` runs them in this order."""

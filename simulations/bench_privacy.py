@@ -1,7 +1,10 @@
 """Privacy benchmark: test accuracy against ε for DP clipping vs DP normalization (central DP).
 
 Task: the 5,000-image MNIST subset over a simulated population of 1,000 clients (4 training
-images each), softmax regression, FedAvg with a few local full-batch steps. Every run trains
+images each, from two label-sorted shards: at most two digits per client), softmax regression,
+FedAvg with a few local full-batch steps. Two clip norms: C = 0.5, about the median raw update
+norm (about half the updates are clipped), and C = 1.5, above nearly all of them (clipping then
+rarely changes an update, while normalization still rescales every one to C). Every run trains
 through the real ClientApp on the in-process grid (:mod:`simulations.inprocess_grid`) and the
 same :class:`~strategies.strategy.PollenStrategy` + :class:`~strategies.private_aggregation.
 PrivateAggregation` that ``pollen run`` uses (``dp=clip`` or ``dp=normalize``).
@@ -60,7 +63,7 @@ class Production:
     """The deployment whose privacy the simulated runs are calibrated to."""
 
     population: int = 100_000  # N_prod
-    cohort: int = 200  # m_prod, expected clients per round
+    cohort: int = 100  # m_prod, expected clients per round
     delta: float = 1e-6  # ≤ 1/N_prod
     accountant: str = "rdp"
 
@@ -76,17 +79,18 @@ class Simulation:
     population: int = 1_000  # clients (partitions) in the in-process grid
     cohort: int = 20  # m_sim, expected clients per round (Poisson)
     rounds: int = 40
-    quick_rounds: int = 15
-    clip: float = 0.5  # C: about the median raw update norm of this task
+    quick_rounds: int = 12
+    clips: tuple[float, ...] = (0.5, 1.5)  # C: about the median raw update norm, and 3x it
     config: tuple[tuple[str, Any], ...] = (
-        ("dataset", "mnist"), ("partitioner", "iid"), ("model", "logreg"),
+        ("dataset", "mnist"), ("partitioner", "shards"), ("shards-per-client", 2),
+        ("model", "logreg"),
         ("local-steps", 4), ("batch-size", 32), ("lr", 0.1), ("momentum", 0.0),
         ("strategy", "fedavg"), ("server-lr", 1.0),
     )
 
 
-EPSILONS = (0.5, 1.0, 2.0, 8.0)
-QUICK_EPSILONS = (1.0,)
+EPSILONS = (0.25, 1.0, 4.0)
+QUICK_EPSILONS = (0.25,)
 FINAL_WINDOW = 5  # final accuracy = mean over the last rounds (noise makes single rounds jumpy)
 
 
@@ -102,9 +106,15 @@ def noise_multipliers(epsilon: float, production: Production, rounds: int, sim: 
 
 
 def run_one(
-    mode: str, epsilon: float, rounds: int, sim: Simulation, production: Production, seed: int = 0
+    mode: str,
+    epsilon: float,
+    clip: float,
+    rounds: int,
+    sim: Simulation,
+    production: Production,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Train one configuration; ``mode='off'`` is non-private FedAvg (ε is then ``None``)."""
+    """Train one configuration; ``mode='off'`` is non-private FedAvg (ε, C are then ``None``)."""
     raw: dict[str, Any] = {
         "device": "cpu", "seed": seed, "num-server-rounds": rounds,
         "clients-per-round": sim.cohort, **dict(sim.config),
@@ -113,7 +123,7 @@ def run_one(
     if mode != "off":
         z, z_sim = noise_multipliers(epsilon, production, rounds, sim)
         raw.update({
-            "dp": mode, "dp-clip": sim.clip, "dp-noise-multiplier": z_sim,
+            "dp": mode, "dp-clip": clip, "dp-noise-multiplier": z_sim,
             "dp-sampling": "poisson", "dp-delta": production.delta,
         })
     cfg = parse_run_config(raw)
@@ -135,7 +145,7 @@ def run_one(
     started = time.perf_counter()
     run_sync(grid, strategy, get_params(model), num_rounds=rounds, on_round=record)
     wall = time.perf_counter() - started
-    expected_std = z * sim.clip / production.cohort
+    expected_std = z * clip / production.cohort
     if noise_stds and not np.allclose(noise_stds, expected_std, rtol=1e-9, atol=0):
         raise AssertionError(
             f"released noise std {noise_stds[0]:.6g} differs from z·C/m_prod = {expected_std:.6g}"
@@ -147,6 +157,7 @@ def run_one(
     return {
         "mode": mode,
         "epsilon": None if mode == "off" else epsilon,
+        "clip": None if mode == "off" else clip,
         "noise_multiplier": z,
         "simulated_noise_multiplier": z_sim,
         "noise_std_on_average": expected_std,
@@ -172,9 +183,10 @@ def markdown(results: list[dict[str, Any]], sim: Simulation, production: Product
         "# Accuracy against ε: DP clipping vs DP normalization",
         "",
         (
-            f"MNIST (5,000-image subset) over {sim.population:,} simulated clients, softmax "
-            f"regression, FedAvg, {rounds} rounds, C = {sim.clip:g}, final accuracy = mean test "
-            f"accuracy of the last {FINAL_WINDOW} rounds."
+            f"MNIST (5,000-image subset) over {sim.population:,} simulated clients (two "
+            f"label-sorted shards each), softmax regression, FedAvg, {rounds} rounds, "
+            f"{sim.cohort} clients per simulated round; final accuracy = mean test accuracy of "
+            f"the last {FINAL_WINDOW} rounds."
         ),
         "",
         (
@@ -189,44 +201,48 @@ def markdown(results: list[dict[str, Any]], sim: Simulation, production: Product
             "it is not the claim here."
         ),
         "",
-        "| mode | ε | z (production) | noise std on the average | final accuracy | wall s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| mode | C | ε | z (production) | noise std on the average | final accuracy | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        clip = "—" if r["clip"] is None else f"{r['clip']:g}"
         lines.append(
-            f"| {r['mode']} | {_epsilon_text(r['epsilon'])} | {r['noise_multiplier']:.3f} "
+            f"| {r['mode']} | {clip} | {_epsilon_text(r['epsilon'])} | {r['noise_multiplier']:.3f} "
             f"| {r['noise_std_on_average']:.2e} | {r['final_accuracy']:.4f} | {r['wall_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> Path:
+def plot(results: list[dict[str, Any]], clips: tuple[float, ...], path: Path) -> Path:
+    """Final accuracy against ε, one panel per C; ε = ∞ and no-DP FedAvg as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
-        finite = sorted(
-            (r["epsilon"], r["final_accuracy"])
-            for r in results if r["mode"] == mode and not math.isinf(r["epsilon"])
-        )
-        if finite:
-            ax.plot(*zip(*finite), marker="o", color=color, label=f"{mode} (noised)")
-        for r in results:
-            if r["mode"] == mode and math.isinf(r["epsilon"]):
-                ax.axhline(r["final_accuracy"], color=color, ls=":", lw=1,
-                           label=f"{mode}, no noise (ε = ∞)")
-    for r in results:
-        if r["mode"] == "off":
-            ax.axhline(r["final_accuracy"], color="grey", ls="--", lw=1, label="FedAvg, no DP")
-    ax.set_xscale("log")
-    ax.set_xlabel("ε (production cohort, δ fixed)")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("MNIST over 1,000 clients: clipping vs normalization")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, len(clips), figsize=(5.5 * len(clips), 4.2), squeeze=False)
+    baseline = next(r["final_accuracy"] for r in results if r["mode"] == "off")
+    for ax, clip in zip(axes[0], clips):
+        runs = [r for r in results if r["clip"] == clip]
+        for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
+            finite = sorted(
+                (r["epsilon"], r["final_accuracy"])
+                for r in runs if r["mode"] == mode and not math.isinf(r["epsilon"])
+            )
+            if finite:
+                ax.plot(*zip(*finite), marker="o", color=color, label=f"{mode}, noised")
+            for r in runs:
+                if r["mode"] == mode and math.isinf(r["epsilon"]):
+                    ax.axhline(r["final_accuracy"], color=color, ls=":", lw=1,
+                               label=f"{mode}, no noise (ε = ∞)")
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="FedAvg, no DP")
+        ax.set_xscale("log")
+        ax.set_xlabel("ε (production cohort)")
+        ax.set_ylabel("final test accuracy")
+        ax.set_title(f"C = {clip:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("MNIST over 1,000 non-IID clients: DP clipping vs normalization")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,18 +273,23 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     rounds = sim.quick_rounds if quick else sim.rounds
     epsilons = (QUICK_EPSILONS if quick else EPSILONS) + (math.inf,)
     try:
-        results = [run_one("off", math.inf, rounds, sim, production)]
-        for mode in MODES:
-            for epsilon in epsilons:
-                results.append(run_one(mode, epsilon, rounds, sim, production))
-                r = results[-1]
-                print(f"  {mode:9s} ε={_epsilon_text(epsilon):10s} z={r['noise_multiplier']:.3f} "
-                      f"acc={r['final_accuracy']:.4f} ({r['wall_s']:.0f} s)", flush=True)
+        results = [run_one("off", math.inf, 0.0, rounds, sim, production)]
+        for clip in sim.clips:
+            for mode in MODES:
+                for epsilon in epsilons:
+                    results.append(run_one(mode, epsilon, clip, rounds, sim, production))
+                    r = results[-1]
+                    print(
+                        f"  C={clip:g} {mode:9s} ε={_epsilon_text(epsilon):10s} "
+                        f"z={r['noise_multiplier']:.3f} acc={r['final_accuracy']:.4f} "
+                        f"({r['wall_s']:.0f} s)",
+                        flush=True,
+                    )
     finally:
         torch.set_num_threads(threads)
         absl.setLevel(absl_level)
     report = {
-        "task": "mnist-1000-clients-logreg",
+        "task": "mnist-shards-1000-clients-logreg",
         "quick": quick,
         "simulation": asdict(sim) | {"config": dict(sim.config)},
         "production": asdict(production) | {"sample_rate": production.sample_rate},
@@ -278,7 +299,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     (out_dir / "privacy.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
     table = markdown(results, sim, production)
     (out_dir / "privacy.md").write_text(table)
-    plot(results, out_dir / "privacy.png")
+    plot(results, sim.clips, out_dir / "privacy.png")
     print(table)
     return report
 

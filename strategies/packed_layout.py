@@ -201,7 +201,7 @@ class ShareReport:
         )
         if self.total.count:
             content[PACKED_SUM] = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in self.total.sum64().items()}
+                {k: Array(np.asarray(v, order="C")) for k, v in self.total.sum64().items()}
             )
         failed = [c for c in clients if c.status != OK]
         if failed:
@@ -441,5 +441,6 @@ class PayloadSizer:
             k: np.frombuffer(self._rng.bytes(v.nbytes), dtype=v.dtype).reshape(v.shape)
             for k, v in arrays.items()
         }
-        record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in distinct.items()})
+        # As strategies.strategy.to_arrayrecord builds a reply's update record.
+        record = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in distinct.items()})
         return wire.serialized_size(record) - sum(v.nbytes for v in distinct.values())

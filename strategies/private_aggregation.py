@@ -56,6 +56,12 @@ class PrivateAggregation:
     ledger_path : Path, optional
         Where releases are recorded (``<run>/privacy/ledger.jsonl``); ``None`` keeps no ledger
         (library use).
+    codec_tolerance : float, default 0.0
+        With ``dp-where=client``: relative excess over C that a *decoded* update may have
+        before it is rejected. Clients clip before encoding, but a lossy codec with error
+        feedback can round the decoded norm slightly above C (measured up to 1.4% for
+        sign/top-k). The server clips every update to exactly C afterwards either way, so the
+        sensitivity stays C; the tolerance only decides what counts as a misbehaving client.
     """
 
     def __init__(
@@ -65,8 +71,12 @@ class PrivateAggregation:
         clients_per_round: int,
         seed: int,
         ledger_path: Path | None = None,
+        codec_tolerance: float = 0.0,
     ) -> None:
         spec.validate()
+        if codec_tolerance < 0:
+            raise ValueError(f"codec_tolerance must be >= 0, got {codec_tolerance}")
+        self.codec_tolerance = codec_tolerance
         self.spec = spec
         self.clients_per_round = clients_per_round
         self.seed = seed
@@ -157,7 +167,13 @@ class PrivateAggregation:
     def client_config(self) -> dict[str, float | str]:
         """What clients need for client-side clipping (sent in the round config)."""
         assert self.aggregator is not None
-        return {"dp-clip": float(self.aggregator.clip), "dp-mode": self.spec.mode, "dp-where": self.spec.where}
+        config: dict[str, float | str] = {
+            "dp-clip": float(self.aggregator.clip), "dp-mode": self.spec.mode, "dp-where": self.spec.where
+        }
+        if self.spec.where == "client" and self.codec_tolerance > 0:
+            # Packed workers bound each decoded update exactly as add() does.
+            config["dp-codec-tolerance"] = self.codec_tolerance
+        return config
 
     def add(self, update: ClientUpdate) -> None:
         """Bound one valid update and add it to the round's sum (weight 1, not examples)."""
@@ -165,7 +181,9 @@ class PrivateAggregation:
         unclipped = update.metrics.get("dp_unclipped") if self.spec.where == "client" else None
         try:
             prepared = self.aggregator.prepare(
-                update.delta, client_unclipped=None if unclipped is None else bool(unclipped)
+                update.delta,
+                client_unclipped=None if unclipped is None else bool(unclipped),
+                codec_tolerance=self.codec_tolerance if self.spec.where == "client" else 0.0,
             )
         except (NormBoundExceeded, ValueError) as err:
             raise UpdateRejected(f"node {update.node_id}: {err}") from None

@@ -48,7 +48,8 @@ def to_params(arrays: ArrayRecord) -> Params:
 
 def to_arrayrecord(params: Params) -> ArrayRecord:
     """Ordered dict of NumPy arrays → ArrayRecord (keeps the state-dict names)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+    # np.asarray(order="C"), not np.ascontiguousarray, which turns 0-d arrays into shape (1,).
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in params.items()})
 
 
 @dataclass
@@ -295,6 +296,12 @@ class PollenStrategy(Strategy):
             getattr(self.codec, "name", "none"),
             self.fraction_evaluate,
         )
+        if self.layout is not None:
+            log.info(
+                "packed layout: %d virtual clients on the connected worker nodes (%s)",
+                self.layout.virtual_clients,
+                "fixed home worker per client" if self.layout.sticky else "balanced by examples",
+            )
 
     def _add_share(
         self,

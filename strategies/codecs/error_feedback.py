@@ -17,6 +17,8 @@ The memory is codec-agnostic and belongs to the client's private state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from strategies.codecs.base import Codec, CodecSpec, Header, Params, checked_update
@@ -40,12 +42,18 @@ class ErrorFeedback:
         self.decay = float(decay)
 
     def encode(
-        self, update: Params, memory: Params, codec_state: Params
+        self,
+        update: Params,
+        memory: Params,
+        codec_state: Params,
+        bound: Callable[[Params], Params] | None = None,
     ) -> tuple[dict[str, np.ndarray], Header, Params, Params]:
         """Encode ``update + decay·memory``; return payload, header, new memory, new codec state.
 
         ``memory`` is ``{}`` the first time (treated as zeros); after that it must cover the
-        same names and shapes as ``update``.
+        same names and shapes as ``update``. ``bound`` (client-side DP clipping) is applied to
+        the corrected vector right before encoding, so what is sent is bounded even though
+        the memory is added; whatever it cuts off stays in the memory.
         """
         update = checked_update(update)
         if memory:
@@ -64,9 +72,8 @@ class ErrorFeedback:
                 corrected[name] = values + decay * memory[name].astype(np.float32, copy=False)
         else:
             corrected = update
-        payload, header, new_state, decoded = self.codec.encode_and_reconstruct(
-            corrected, codec_state
-        )
+        sent = corrected if bound is None else checked_update(bound(corrected))
+        payload, header, new_state, decoded = self.codec.encode_and_reconstruct(sent, codec_state)
         new_memory = {name: corrected[name] - decoded[name] for name in corrected}
         return payload, header, new_memory, new_state
 

@@ -19,7 +19,7 @@ from fedserver.config import ConfigError, RunConfig, key_specs, parse_overrides,
 
 SPECS = {spec["name"]: spec for spec in key_specs()}
 KEYS = sorted(SPECS)
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 anything = st.one_of(
     st.none(),
@@ -135,7 +135,7 @@ def test_run_overrides_text_gives_a_config_or_one_config_error(text):
     assert cfg is not None and cfg.output_dir.startswith("/") and cfg.run_name
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(override_text)
 def test_pollen_config_check_answers_zero_or_two(text):
     import contextlib

@@ -246,8 +246,10 @@ def test_two_rounds_over_tls_write_the_expected_metrics(scenario):
         assert 0 < row["train_time_s"] < 60
         assert 0.0 <= row["accuracy"] <= 1.0  # central evaluation on the server's own file
         assert row["bits_per_param"] < 16  # top-k 10 %: values + indices, not 32-bit dense
-        assert row["epsilon"] > 0 and row["dpsgd_epsilon"] > 0
-    assert rows[1]["dpsgd_epsilon"] > rows[0]["dpsgd_epsilon"]  # composed over both rounds
+        assert row["epsilon"] > 0 and row["dpsgd_epsilon_max"] > 0
+    # both accountants compose over the rounds: the server's (user level) and each client's
+    assert rows[1]["epsilon"] > rows[0]["epsilon"]
+    assert rows[1]["dpsgd_epsilon_max"] > rows[0]["dpsgd_epsilon_max"]
     config = json.loads((run / "config.json").read_text())
     assert config["num_nodes"] == 4
     assert (run / "model.pt").exists() and (run / "summary.json").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedclient.client_app import app as client_app
 from fedclient.components import data_spec, federated_data, new_model
@@ -18,6 +19,7 @@ from fedclient.training import get_params
 from fedserver.config import ConfigError, parse_run_config
 from fedserver.server_app import client_sizes
 from privacy.mechanisms import DpSpec
+from simulations.plain_loop import plain_fedavg
 from strategies import wire
 from strategies.aggregation import RunningWeightedSum, weighted_mean
 from strategies.codecs import CodecSpec, build_codec
@@ -57,6 +59,12 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _sender_identity():
+    """Flower messages read their sender from the process-wide TaskIdentity (as InProcessGrid sets it)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
 
 
 def _run(raw: dict, num_nodes: int, rounds: int):
@@ -275,16 +283,16 @@ def test_worker_replies_are_validated_before_they_are_merged():
     bad = {
         "non-finite": _report(sent, clients=good, tamper=nan_sum),
         "shape": _report(sent, clients=good, tamper=wrong_shape),
-        "weight": _report(sent, clients=good, total_weight=30.0),
-        "clients": _report(sent, clients=good[:2]),
+        "total weight": _report(sent, clients=good, total_weight=30.0),
+        "share was": _report(sent, clients=good[:2]),  # a client of the share is missing
     }
-    for name, content in bad.items():
-        with pytest.raises(UpdateRejected):
+    for reason, content in bad.items():
+        with pytest.raises(UpdateRejected, match=reason):
             layout.read_reply(reply(content), sent, private=False)
-        assert name
 
 
 def _delivered(message: Message) -> Message:
+    """``message`` as a SuperLink would deliver it (with a message id)."""
     message.metadata.__dict__["_message_id"] = "m0"
     return message
 
@@ -348,3 +356,13 @@ def test_config_rules_of_the_packed_layout():
     assert [list(m.content["packed"]["client-ids"]) for m in messages] == [[4, 8], [3]]
     assert all(m.metadata.message_type == MessageType.TRAIN for m in messages)
     assert layout.unanswered([10]) == 1
+
+
+def test_packed_layout_equals_a_plain_pytorch_fedavg_loop():
+    """An independent reference: the framework-free loop of simulations.plain_loop."""
+    raw = {**BASE, "virtual-clients": 40, "clients-per-round": 8, "momentum": 0.5, "server-lr": 0.7}
+    packed, _, _ = _run(raw, WORKERS, rounds=3)
+    plain = plain_fedavg(parse_run_config(raw), num_clients=40, num_rounds=3)
+    assert len(plain.round_s) == 3
+    for name in packed:
+        np.testing.assert_allclose(packed[name], plain.params[name], rtol=1e-6, atol=1e-7)
