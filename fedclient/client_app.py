@@ -27,6 +27,7 @@ from fedclient.state import state_store
 from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
 from fedserver.config import RunConfig, parse_run_config
 from strategies import wire
+from strategies.client_ids import CLIENT_ID_KEY, CLIENT_ID_QUERY, QUERY_KEY
 from strategies.codecs import build_error_feedback
 from strategies.factory import build_codec_for, codec_spec
 from strategies.packed_layout import ShareAssignment
@@ -145,11 +146,11 @@ def train(msg: Message, context: Context) -> Message:
         local_training(cfg),
         seeded_generator(cfg.seed, server_round, client_id),
         encoder=_encoder(cfg),
-        state=store.load(),
+        state=store.load(server_round),
         transform=transform,
         dpsgd=dpsgd_spec(cfg),
     )
-    store.save(outcome.state)
+    store.save(outcome.state, server_round)
     payload = faults.after_training(fault, outcome.payload, server_round, client_id)
     content = RecordDict(
         {
@@ -160,6 +161,16 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Answers the server's start-up question: which client is this node?"""
+    config = msg.content.config_records.get("config", ConfigRecord())
+    if config.get(QUERY_KEY) != CLIENT_ID_QUERY:
+        raise ValueError(f"unknown query {dict(config)!r}")
+    client_id, _, _ = client_identity(context)
+    return Message(RecordDict({wire.METRICS: MetricRecord({CLIENT_ID_KEY: client_id})}), reply_to=msg)
 
 
 @app.evaluate()

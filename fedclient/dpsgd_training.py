@@ -15,7 +15,9 @@ Why the noise is not seeded from the run's ``seed``: the seed is in the run conf
 server knows, and noise that the server can regenerate protects nothing against it. Batches and
 noise come from a generator seeded from OS entropy; the rest of the process's random streams
 are left as they were (``torch.random.fork_rng``). DP-SGD runs are therefore not bit-for-bit
-reproducible.
+reproducible. That generator is PyTorch's Mersenne Twister, not a cryptographic one (Opacus's
+``secure_mode`` needs ``torchcsprng``): fine for research, not for an adversary who can attack
+the generator itself.
 
 The model object is trained in place and unwrapped afterwards (Opacus's hooks and per-sample
 attributes removed), so a model cached per process can serve the next client or round, with or
@@ -153,14 +155,17 @@ def train_local_dpsgd(
     own_attributes = {param: set(vars(param)) for param in model.parameters()}
     with torch.random.fork_rng(devices=_devices(x.device)):
         torch.manual_seed(secrets.randbits(63))
-        training = make_private(
-            model,
-            optimizer,
-            loader,
-            noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
-            accountant_state=history_from_arrays(state or {}),
-        )
+        with warnings.catch_warnings():
+            # Said once in this module's docstring instead of on every client and round.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            training = make_private(
+                model,
+                optimizer,
+                loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                accountant_state=history_from_arrays(state or {}),
+            )
         try:
             per_epoch = len(training.data_loader)
             steps = spec.steps if spec.steps > 0 else spec.epochs * per_epoch

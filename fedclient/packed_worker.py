@@ -29,24 +29,28 @@ directory survives a resume; across machines give ``client-state-dir`` on shared
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
 from fedclient.device import pick_device
+from fedclient.dpsgd_training import DpSgdSpec
 from fedclient.encoding import UpdateEncoder
 from fedclient.faults import FaultPlan
 from fedclient.pipeline import client_update
 from fedclient.state import DirectoryStateStore
-from fedclient.training import as_tensors, seeded_generator
+from fedclient.training import LocalTraining, as_tensors, seeded_generator
 from fedserver.config import RunConfig
 from privacy.mechanisms import NormBoundExceeded, bound_update
+from simulations.datasets import FederatedData
 from strategies import wire
 from strategies.aggregation import RunningWeightedSum
 from strategies.factory import update_limits
@@ -60,9 +64,15 @@ from strategies.packed_layout import (
     ShareReport,
 )
 from strategies.strategy import to_params
-from strategies.updates import UpdateRejected, check_payload_size, decode_payload, validate_delta
+from strategies.updates import (
+    UpdateLimits,
+    UpdateRejected,
+    check_payload_size,
+    decode_payload,
+    validate_delta,
+)
 
-log = logging.getLogger("pollen")
+Params = dict[str, np.ndarray]
 
 _SIZER = PayloadSizer()
 
@@ -89,7 +99,7 @@ def train_share(
     encoder: UpdateEncoder,
     transform=None,
     faults: FaultPlan | None = None,
-    dpsgd=None,
+    dpsgd: DpSgdSpec | None = None,
 ) -> Message:
     """Handle a packed TRAIN message: train every client of the share, reply with the sum.
 
@@ -143,7 +153,7 @@ def train_share(
         bound=bound,
         client_bit=client_bit,
         state_dir=state_directory(cfg, assignment),
-        run=cfg.run_name or str(context.run_id),
+        run_name=cfg.run_name or str(context.run_id),
     )
     total = RunningWeightedSum()
     records = [trainer.run(client_id, total) for client_id in assignment.client_ids]
@@ -151,27 +161,30 @@ def train_share(
     return Message(report.to_content(), reply_to=msg)
 
 
+@dataclass
 class _ClientTrainer:
     """Everything one round of one worker shares across its clients."""
 
-    def __init__(self, *, cfg, model, data, device, sent, server_round, encoder, transform,
-                 faults, dpsgd, bound, client_bit, state_dir, run) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.data = data
-        self.device = device
-        self.sent = sent
-        self.server_round = server_round
-        self.encoder = encoder
-        self.transform = transform
-        self.faults = faults
-        self.dpsgd = dpsgd
-        self.bound = bound
-        self.client_bit = client_bit
-        self.state_dir = state_dir
-        self.run_name = run
-        self.training = local_training(cfg)
-        self.limits = update_limits(cfg)
+    cfg: RunConfig
+    model: torch.nn.Module
+    data: FederatedData
+    device: torch.device
+    sent: Params
+    server_round: int
+    encoder: UpdateEncoder
+    transform: Callable | None
+    faults: FaultPlan
+    dpsgd: DpSgdSpec | None
+    bound: Callable | None  # central DP: bound_update with this round's C, or None
+    client_bit: bool  # dp-where=client: clients send their own unclipped bit
+    state_dir: Path
+    run_name: str
+    training: LocalTraining = field(init=False)
+    limits: UpdateLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.training = local_training(self.cfg)
+        self.limits = update_limits(self.cfg)
 
     def run(self, client_id: int, total: RunningWeightedSum) -> ClientRecord:
         """Train, encode, decode, validate (and DP-bound) one client; add it to ``total``."""
@@ -212,7 +225,7 @@ class _ClientTrainer:
         part = self.data.partition(client_id)
         x, y = as_tensors(part.x, part.y, self.device)
         store = DirectoryStateStore(self.state_dir, self.run_name, client_id, durable=False)
-        state = store.load()
+        state = store.load(self.server_round)
         outcome = client_update(
             self.model,
             self.sent,
@@ -226,7 +239,7 @@ class _ClientTrainer:
             dpsgd=self.dpsgd,
         )
         if outcome.state or state:
-            store.save(outcome.state)
+            store.save(outcome.state, self.server_round)
         payload = self.faults.after_training(fault, outcome.payload, self.server_round, client_id)
         metrics = {
             k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))

@@ -88,10 +88,36 @@ def resume_run_config(run_dir: Path, overrides_text: str = "") -> tuple[dict, in
     return run_config, num_nodes
 
 
+def check_ray_cluster(ray_address: str | None, federation: dict) -> None:
+    """Refuse a bad ``--ray-address`` before anything starts, as one ``ConfigError`` line.
+
+    The address must be ``auto`` or a reachable ``HOST:PORT``
+    (:func:`fedserver.launcher.check_ray_address`). ``init-args-num-cpus/gpus`` size the
+    private Ray a run starts; Ray refuses them when joining a cluster ("When connecting to
+    an existing cluster, num_cpus and num_gpus must not be provided"), deep in the run.
+    """
+    if ray_address is None:
+        return
+    from fedserver.launcher import LaunchError, check_ray_address
+
+    private_only = sorted(key for key in federation if key.startswith("init-args-num-"))
+    if private_only:
+        raise ConfigError(
+            f"federation-config keys {private_only} size a private Ray and cannot be used with "
+            "--ray-address; the cluster's nodes declare their resources with "
+            "`ray start --num-cpus N --num-gpus N`"
+        )
+    try:
+        check_ray_address(ray_address)
+    except (ValueError, LaunchError) as err:
+        raise ConfigError(str(err).replace("ray_address", "--ray-address")) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         run_config = resolve_run_config(" ".join(args.run_config or []))
         federation = {**DEFAULT_FEDERATION, **_parse_federation(" ".join(args.federation_config or []))}
+        check_ray_cluster(args.ray_address, federation)
     except ConfigError as err:
         print(f"pollen: error: {err}", file=sys.stderr)
         return 2
@@ -105,6 +131,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         federation = {
             **DEFAULT_FEDERATION, **nodes, **_parse_federation(" ".join(args.federation_config or []))
         }
+        check_ray_cluster(args.ray_address, federation)
     except ConfigError as err:
         print(f"pollen: error: {err}", file=sys.stderr)
         return 2
@@ -117,13 +144,15 @@ def _launch(args: argparse.Namespace, run_config: dict, federation: dict) -> int
 
     run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
     verb = "resuming" if run_config.get("resume") else "running"
-    print(f"pollen: {verb} {_app_dir(args.app)} → {run_dir}", flush=True)
+    where = f" on the Ray cluster at {args.ray_address}" if args.ray_address else ""
+    print(f"pollen: {verb} {_app_dir(args.app)}{where} → {run_dir}", flush=True)
     outcome = flwr_run(
         _app_dir(args.app),
         run_config=run_config,
         federation_config=federation,
         flwr_home=Path(args.flwr_home) if args.flwr_home else None,
         timeout=args.timeout,
+        ray_address=args.ray_address,
     )
     summary_path = run_dir / "summary.json"
     if not outcome.succeeded or not summary_path.exists():
@@ -172,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--app", help="app directory (default: this Pollen checkout)")
     run.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
     run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    run.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run the ClientApps on this existing Ray cluster: HOST:PORT of its head "
+        "(`ray start --head --port PORT`), or 'auto' for the cluster this machine joined; "
+        "default: a private Ray for this run",
+    )
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser(
@@ -189,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--app", help="app directory (default: this Pollen checkout)")
     resume.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
     resume.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    resume.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run the ClientApps on this existing Ray cluster: HOST:PORT of its head "
+        "(`ray start --head --port PORT`), or 'auto' for the cluster this machine joined; "
+        "default: a private Ray for this run",
+    )
     resume.set_defaults(func=cmd_resume)
 
     config = sub.add_parser("config", help="print or check the run-config keys")

@@ -29,6 +29,11 @@ Facts about Flower 1.42 this module relies on (checked against the installed pac
 - SuperLink, SuperExec and the simulation start ``flower-superexec``/``flwr-simulation`` by
   name from ``PATH``; the directory of the running interpreter is put first on ``PATH`` so
   this works without an activated virtual environment.
+- The simulation's Ray backend calls ``ray.init()`` without an address, so Ray's own rules
+  pick the cluster: ``RAY_ADDRESS`` if set, else the cluster recorded by the last
+  ``ray start`` on this machine (``/tmp/ray/ray_current_cluster``), else a new private Ray.
+  Pollen sets ``RAY_ADDRESS=local`` unless told otherwise (``ray_address``, or the caller's
+  own ``RAY_ADDRESS``), so a ``ray start`` cluster nobody asked for is never joined.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ __all__ = [
     "RunOutcome",
     "SuperLinkHandle",
     "SuperLinkPorts",
+    "check_ray_address",
     "flwr_run",
     "local_superlink",
     "run_app",
@@ -79,6 +85,8 @@ _RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _TOML_SCALARS = (bool, int, float, str)
 _TOKEN_VARIABLE = "POLLEN_SUPERLINK_TOKEN"  # marks every process a SuperLink of ours spawned
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"  # read by ray.init() in the simulation (Ray's convention)
+_RAY_CONNECT_TIMEOUT_S = 5.0  # pre-flight TCP check of a Ray head's GCS port
 
 
 class LaunchError(RuntimeError):
@@ -365,7 +373,8 @@ def free_port() -> int:
 
 def child_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
     """The environment for Flower processes: ours plus ``extra``, with ``FLWR_HOME``, no
-    dependency installation or telemetry, and this interpreter's scripts first on ``PATH``."""
+    dependency installation or telemetry, this interpreter's scripts first on ``PATH``, and
+    a private Ray for simulations unless ``RAY_ADDRESS`` names a cluster."""
     env = dict(os.environ)
     env.update(extra or {})
     env["FLWR_HOME"] = str(flwr_home)
@@ -373,6 +382,7 @@ def child_env(flwr_home: Path, extra: Mapping[str, str] | None) -> dict[str, str
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault(RAY_ADDRESS_VARIABLE, "local")
     scripts = str(Path(sys.executable).parent)
     path = env.get("PATH", "")
     if path.split(os.pathsep)[0] != scripts:
@@ -586,6 +596,7 @@ def flwr_run(
     timeout: float | None = None,
     stream: bool = True,
     env: Mapping[str, str] | None = None,
+    ray_address: str | None = None,
 ) -> RunOutcome:
     """Run one Flower App to completion on a private SuperLink, then stop the SuperLink.
 
@@ -605,7 +616,14 @@ def flwr_run(
     stream : bool
         Echo the run's log to stdout while it runs (it is returned either way).
     env : Mapping[str, str], optional
-        Extra environment variables for the ServerApp and ClientApps.
+        Extra environment variables for the ServerApp and, with a private Ray, the
+        ClientApps. Ray workers of an existing cluster have the environment of the
+        ``ray start`` that started their node instead.
+    ray_address : str, optional
+        Run the ClientApps on this existing Ray cluster (``HOST:PORT`` of its head, or
+        ``auto``; see :func:`check_ray_address`) instead of a private Ray started for the
+        run. This machine must be a node of that cluster. The actor pool is sized once,
+        at the start of the run, from the nodes' resources and ``client-resources-*``.
 
     Returns
     -------
@@ -613,6 +631,8 @@ def flwr_run(
         Check :attr:`RunOutcome.succeeded`; a ServerApp that raised gives
         ``status == "finished:failed"``.
     """
+    if ray_address is not None:
+        env = {**(env or {}), RAY_ADDRESS_VARIABLE: check_ray_address(ray_address)}
     with contextlib.ExitStack() as stack:
         if flwr_home is None:
             temporary = tempfile.TemporaryDirectory(prefix="pollen-flwr-")
@@ -622,6 +642,43 @@ def flwr_run(
             link, app_dir, run_config=run_config, federation_config=federation_config,
             timeout=timeout, stream=stream,
         )
+
+
+def check_ray_address(address: str) -> str:
+    """``address`` if it can name the Ray cluster a simulation joins, else a clear error.
+
+    Accepted are ``auto`` (the cluster this machine joined with ``ray start``, which Ray
+    finds in its default temporary directory) and ``HOST:PORT`` of the head node (the
+    ``--port`` of ``ray start --head``, 6379 by default). ``HOST:PORT`` must accept a TCP
+    connection now: Ray retries an unreachable address for minutes inside the simulation
+    (measured: over 3 minutes) before the run fails.
+
+    Raises
+    ------
+    ValueError
+        ``address`` is neither ``auto`` nor ``HOST:PORT``; this includes Ray Client
+        addresses (``ray://``): the simulation's Ray driver must run on a node of the
+        cluster, which ``ray start --address HEAD:PORT`` on the SuperLink's machine makes it.
+    LaunchError
+        Nothing accepts connections at ``HOST:PORT``.
+    """
+    address = address.strip()
+    if address == "auto":
+        return address
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(
+            "ray_address must be 'auto' or HOST:PORT of the Ray head node (the --port of "
+            f"`ray start --head`; Ray Client addresses ray://... are not supported); got {address!r}"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), _RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise LaunchError(
+            f"no Ray cluster answers at {address} ({err}); start its head with "
+            f"`ray start --head --port {port}` or correct the address"
+        ) from None
+    return address
 
 
 def run_app(

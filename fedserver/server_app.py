@@ -29,6 +29,7 @@ from fedserver.resume import load_resume_point, rng_state
 from fedserver.run_dir import RunDirectory
 from privacy.report import write_report
 from strategies.async_driver import AsyncRoundResult
+from strategies.client_ids import discover_client_ids, wait_for_nodes
 from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
 from strategies.sync_driver import RoundResult, run_sync
 
@@ -151,7 +152,10 @@ def input_shape_from_nodes(grid: Grid, node_ids: list[int], timeout: float) -> t
             "the SuperNodes' data files have different example shapes: "
             + "; ".join(f"{list(shape)} on nodes {nodes}" for shape, nodes in shapes.items())
         )
-    return next(iter(shapes))
+    (shape, nodes), = shapes.items()
+    log.info("example shape %s, as described by %d of %d nodes", list(shape), len(nodes),
+             len(node_ids))
+    return shape
 
 
 @app.main()
@@ -172,7 +176,7 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     run = RunDirectory.create(cfg.output_dir, cfg.run_name, run_id, exist_ok=cfg.resume)
     # Before config.json is rewritten: it is what a run without a checkpoint is checked against.
     point = load_resume_point(run, cfg) if cfg.resume else None
-    node_ids = sorted(grid.get_node_ids())
+    node_ids = wait_for_nodes(grid)
     num_nodes = len(node_ids)
     log.info("run directory: %s (%d nodes connected)", run.path.resolve(), num_nodes)
     run.write_config(
@@ -209,6 +213,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     num_params = int(sum(v.size for v in params.values()))
     evaluator = None if test is None else CentralEvaluator(cfg, test.x, test.y, model)
     strategy = build_strategy(cfg, run.path, num_examples=client_sizes(cfg, data))
+    if not cfg.virtual_clients:
+        strategy.set_client_ids(discover_client_ids(grid, node_ids, timeout=cfg.round_timeout))
     strategy.summary()
     clock = build_virtual_clock(cfg, range(cfg.virtual_clients) if cfg.virtual_clients else node_ids)
     driver = build_async_driver(cfg, strategy, clock) if cfg.driver == "async" else None

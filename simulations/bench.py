@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "compression": _lazy("simulations.bench_compression"),
     "privacy": _lazy("simulations.bench_privacy"),
     "codecs": _lazy("simulations.bench_codecs"),
+    "scale": _lazy("simulations.bench_scale"),
 }
 """Benchmark name → runner; ``all`` runs them in this order."""
 

@@ -156,7 +156,10 @@ class PrivateAggregation:
             If this round's release would exceed ``dp-target-epsilon``.
         """
         assert self.aggregator is not None, "setup() first"
-        if self.guard is not None:
+        # A round already in the ledger is being re-run after a crash: its release was counted
+        # (and its noise comes from the checkpointed generator), so it costs nothing new.
+        rerun = self.ledger is not None and server_round in self.ledger
+        if self.guard is not None and not rerun:
             self.guard.check(self.aggregator.next_mechanism(), server_round)
         cohort = self.aggregator.sampler.sample(self.aggregator.population, round_rng(self.seed, server_round))
         self._cohort = cohort

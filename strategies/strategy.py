@@ -132,6 +132,7 @@ class PollenStrategy(Strategy):
         self.limits = limits
         self.min_replies = min_replies
         self.privacy = privacy
+        self.client_of_node: dict[int, int] = {}  # Flower node id → stable client id
         self.layout = layout
         self.attempt = 0
         self.sampler = FixedSizeSampler(clients_per_round, seed)
@@ -153,8 +154,13 @@ class PollenStrategy(Strategy):
         self.global_params = to_params(arrays)
         self._sent = self.optimizer.send_point(self.global_params)
         node_ids = list(grid.get_node_ids())
-        # Clients are the nodes, or the packed layout's virtual client ids (a range).
-        clients = node_ids if self.layout is None else self.layout.population
+        # Clients are the nodes (by their stable client ids when known), or the packed
+        # layout's virtual client ids (a range).
+        node_of = self._node_of_client(node_ids)
+        if self.layout is not None:
+            clients = self.layout.population
+        else:
+            clients = list(node_of) if node_of is not None else node_ids
         round_config = self._round_config(server_round, config)
         if self.privacy is not None:
             if not self.privacy.ready:
@@ -172,9 +178,26 @@ class PollenStrategy(Strategy):
         self.last_round.bytes_down = wire.content_size(content) * len(cohort)
         if self.layout is not None:
             return self.layout.train_messages(cohort, node_ids, content)
+        if node_of is not None:
+            cohort = [node_of[c] for c in cohort]
+            self.last_round.cohort = list(cohort)
         return [
             Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node in cohort
         ]
+
+    def set_client_ids(self, client_of_node: dict[int, int]) -> None:
+        """Sample by stable client ids instead of Flower node ids.
+
+        Flower numbers simulated nodes randomly in every run; sampling over the clients' own
+        ids (their partition ids) makes the cohorts — and so the whole trajectory — depend on
+        the seed alone, across runs, resumes and layouts.
+        """
+        self.client_of_node = dict(client_of_node)
+
+    def _node_of_client(self, node_ids: list[int]) -> dict[int, int] | None:
+        if not self.client_of_node:
+            return None
+        return {self.client_of_node[n]: n for n in node_ids if n in self.client_of_node}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import warnings
 
 import dp_accounting
 import numpy as np
@@ -40,10 +39,12 @@ FULL_BATCH = {"batch-size": 100_000, "local-steps": 1}  # Poisson rate q = 1: th
 
 
 @pytest.fixture(autouse=True)
-def quiet_opacus():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        yield
+def one_torch_thread():
+    """Tiny models: on a shared machine extra intra-op threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _one_round(overrides: dict, num_nodes: int = 8):

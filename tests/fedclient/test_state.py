@@ -211,6 +211,25 @@ def test_memory_persists_in_a_state_directory_across_skipped_rounds_and_a_restar
     # Every SuperNode restarts: new contexts with empty context.state, same state directories.
     run_sync(_grid(app, str(tmp_path)), strategy, params, num_rounds=ROUNDS, start_round=4)
     _check_persistence(app.calls)
-    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz"))
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("client-?.npz"))
     participants = sorted({c["client"] for c in app.calls})
     assert files == [f"node-{i}/ef-persistence/client-{i}.npz" for i in participants]
+
+
+@pytest.mark.parametrize("kind", ["directory", "context"])
+def test_a_rerun_round_starts_from_the_state_before_it(tmp_path, kind):
+    """Retried or resumed rounds must not see the state their first attempt wrote."""
+    from fedclient.state import ContextStateStore, DirectoryStateStore
+
+    if kind == "directory":
+        store = DirectoryStateStore(tmp_path, "run", 7)
+    else:
+        store = ContextStateStore(Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    assert store.load(1) == {}
+    store.save({"ef/w": np.full(3, 1.0, np.float32)}, server_round=1)
+    store.save({"ef/w": np.full(3, 2.0, np.float32)}, server_round=4)
+    assert store.load(4)["ef/w"][0] == 1.0  # round 4 again: what round 1 left
+    assert store.load(5)["ef/w"][0] == 2.0
+    store.save({"ef/w": np.full(3, 3.0, np.float32)}, server_round=4)  # the re-run of round 4
+    assert store.load(4)["ef/w"][0] == 1.0 and store.load(5)["ef/w"][0] == 3.0
+    assert store.load()["ef/w"][0] == 3.0

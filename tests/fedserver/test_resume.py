@@ -203,12 +203,6 @@ def test_crash_between_ledger_and_checkpoint_counts_every_release_once(reference
     assert json.loads((resumed.path / "privacy" / "report.json").read_text())["rounds"] == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a client's on-disk state (client-state-dir) already holds the round the "
-    "server was killed in, so the rerun of that round starts from it; the store must keep the "
-    "state of the previous round until the server's checkpoint moves past it",
-)
 def test_crash_mid_round_with_a_stateful_codec_resumes_to_the_same_model(references, tmp_path, monkeypatch):
     scenario = "amsgrad-topk-ef"
     extra = _extra(scenario, tmp_path)
@@ -219,12 +213,6 @@ def test_crash_mid_round_with_a_stateful_codec_resumes_to_the_same_model(referen
     _assert_same_run(_run(_raw(tmp_path, scenario, 5, resume=True, **extra)), references(scenario))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: on resume the budget guard already holds the re-run round's release "
-    "(from the ledger) and refuses that round, so the run stops one round early; "
-    "PrivateAggregation.cohort should skip the check for a round the ledger already records",
-)
 def test_budget_stop_is_the_same_after_a_crash_in_the_last_affordable_round(tmp_path, monkeypatch):
     # q = 3/5, z = 1: epsilon after 3 releases is about 21.2, after 4 about 24.9
     extra = {"dp": "clip", "dp-noise-multiplier": 1.0, "dp-sampling": "fixed", "dp-target-epsilon": 23.0}
