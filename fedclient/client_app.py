@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
-from fedclient.device import pick_device
-from fedclient.dpsgd_training import DpSgdSpec
+from fedclient.device import pick_device, set_torch_threads
+from fedclient.dpsgd_training import DpSgdSpec, with_spent_history
 from fedclient.encoding import UpdateEncoder, client_side_dp
 from fedclient.faults import FaultPlan
 from fedclient.packed_worker import train_share
@@ -124,6 +124,7 @@ def _local_data(cfg: RunConfig, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = run_config(context)
+    set_torch_threads(cfg.worker_threads, simulated="num-partitions" in context.node_config)
     round_config = msg.content[wire.CONFIG]
     transform = round_transform(round_config)
     if ShareAssignment.from_message(msg) is not None:  # packed layout: this node is a worker
@@ -138,6 +139,9 @@ def train(msg: Message, context: Context) -> Message:
     fault = faults.decide(server_round, client_id)
     faults.before_training(fault)
     store = state_store(context, client_id, cfg.run_name, cfg.client_state_dir)
+    state = store.load(server_round)
+    if cfg.dpsgd:  # a re-run round restarts from its old state, but not its privacy spending
+        state = with_spent_history(state, store.load())
     outcome = client_update(
         model,
         sent,
@@ -146,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
         local_training(cfg),
         seeded_generator(cfg.seed, server_round, client_id),
         encoder=_encoder(cfg),
-        state=store.load(server_round),
+        state=state,
         transform=transform,
         dpsgd=dpsgd_spec(cfg),
     )

@@ -28,3 +28,16 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {preference!r}; allowed: auto | cpu | cuda | mps")
     return torch.device(preference)
+
+
+def set_torch_threads(configured: int, *, simulated: bool) -> None:
+    """torch's intra-op CPU threads for this ClientApp process.
+
+    ``configured`` > 0 is used as is. 0 means automatic: one thread in a simulation, where
+    several actors or packed workers share the machine's cores and more threads per process
+    only oversubscribe them (measured here: 2 processes × 2 threads on 2 cores ran tiny steps
+    up to 20× slower); torch's own default on a real device, which has the machine to itself.
+    """
+    threads = configured if configured > 0 else (1 if simulated else 0)
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -105,6 +105,18 @@ def history_from_arrays(state: Params) -> dict | None:
     return {"mechanism": "rdp", "history": history}
 
 
+def with_spent_history(state: Params, latest: Params) -> Params:
+    """``state`` with its DP-SGD history replaced by the one in ``latest`` (newest saved state).
+
+    The client state store hands a round that runs again (a retry after too few replies, or a
+    re-run after the server crashed) the state from *before* that round, so that error feedback
+    restarts identically. The privacy accountant must not go back with it: the first attempt's
+    update was sent, so its steps are spent, and ε has to keep them.
+    """
+    kept = {k: v for k, v in state.items() if not k.startswith(STATE_PREFIX)}
+    return kept | {k: v for k, v in latest.items() if k.startswith(STATE_PREFIX)}
+
+
 def client_dpsgd_epsilon(state: Params, delta: float) -> float:
     """ε of the DP-SGD history in a client's state at ``delta`` (0 before its first step)."""
     from privacy.dpsgd import client_epsilon

@@ -42,7 +42,7 @@ from flwr.app import Context, Message
 
 from fedclient.components import cached_model, data_spec, federated_data, local_training
 from fedclient.device import pick_device
-from fedclient.dpsgd_training import DpSgdSpec
+from fedclient.dpsgd_training import DpSgdSpec, with_spent_history
 from fedclient.encoding import UpdateEncoder
 from fedclient.faults import FaultPlan
 from fedclient.pipeline import client_update
@@ -75,12 +75,6 @@ from strategies.updates import (
 Params = dict[str, np.ndarray]
 
 _SIZER = PayloadSizer()
-
-
-def set_worker_threads(threads: int) -> None:
-    """torch intra-op threads of this worker process (0 leaves torch's default)."""
-    if threads > 0 and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
 
 
 def state_directory(cfg: RunConfig, assignment: ShareAssignment) -> Path:
@@ -118,7 +112,6 @@ def train_share(
     assignment = ShareAssignment.from_message(msg)
     if assignment is None:
         raise ValueError("train_share needs a packed TRAIN message (with a 'packed' record)")
-    set_worker_threads(cfg.worker_threads)
     device = pick_device(cfg.device)
     data = federated_data(data_spec(cfg), cfg.virtual_clients)
     model = cached_model(
@@ -226,6 +219,8 @@ class _ClientTrainer:
         x, y = as_tensors(part.x, part.y, self.device)
         store = DirectoryStateStore(self.state_dir, self.run_name, client_id, durable=False)
         state = store.load(self.server_round)
+        if self.dpsgd is not None:  # a re-run round restarts from its old state, not its spending
+            state = with_spent_history(state, store.load())
         outcome = client_update(
             self.model,
             self.sent,

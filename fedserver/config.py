@@ -438,9 +438,9 @@ class RunConfig:
         low=0, section="scaling",
     )
     worker_threads: int = _key(
-        1,
-        "Packed layout: torch CPU threads per worker process (0: torch's default); keep "
-        "workers x threads <= cores so workers do not oversubscribe them.",
+        0,
+        "torch CPU threads per ClientApp process (simulated SuperNode actor or packed worker); "
+        "0: 1 in simulation, torch's default on a real device. Keep processes x threads <= cores.",
         low=0, section="scaling",
     )
 

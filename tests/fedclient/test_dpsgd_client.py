@@ -156,6 +156,29 @@ def test_each_client_epsilon_accumulates_over_its_rounds_and_reaches_the_metrics
     assert max(joined.values()) >= 2  # some client's ε really composed over several rounds
 
 
+def test_a_retried_round_keeps_the_privacy_spent_by_its_first_attempt():
+    """min-replies is never met, so round 1 runs twice on the same clients: the second attempt
+    restarts from the pre-round state, but its ε must count both attempts' steps."""
+    num_nodes, batch, steps, z, delta = 3, 40, 2, 1.0, 1e-5
+    raw = {
+        **BASE, "clients-per-round": num_nodes, "min-replies": num_nodes + 1,
+        "short-round": "retry", "max-round-retries": 1, "batch-size": batch,
+        "local-steps": steps, "dpsgd": True, "dpsgd-noise-multiplier": z, "dp-delta": delta,
+    }
+    cfg = parse_run_config(raw)
+    data = federated_data(data_spec(cfg), num_nodes)
+    strategy = build_strategy(cfg)
+    grid = InProcessGrid(client_app, num_nodes, run_config=raw)
+    run_sync(grid, strategy, get_params(new_model(cfg, data.input_shape, data.num_classes)),
+             num_rounds=1, max_retries=1)
+    assert grid.delivered == grid.get_node_ids() * 2 and not strategy.last_round.applied
+    for update in strategy.last_updates:  # the second attempt's replies
+        q = 1 / math.ceil(len(data.partition(update.node_id - 1001)) / batch)
+        reference = RDPAccountant()
+        reference.history = [(z, q, 2 * steps)]
+        assert update.metrics["dpsgd_epsilon"] == pytest.approx(reference.get_epsilon(delta))
+
+
 def test_cached_model_is_not_left_wrapped_by_opacus():
     """After DP-SGD on the process-wide cached model, a plain FedAvg round is exact again."""
     num_nodes, lr = 2, 0.5

@@ -131,6 +131,15 @@ def test_pollen_run_refuses_a_bad_cluster_before_starting_anything(tmp_path, cap
     assert not flwr_home.exists()  # no SuperLink was started
 
 
+def test_proc_net_tcp_addresses_are_decoded():
+    # as the kernel prints them: IPv4 and IPv6 addresses in host-order (little-endian) words
+    assert _decode_proc_address("0100007F:18EB") == ("127.0.0.1", 6379)
+    assert _decode_proc_address("020011AC:0050") == ("172.17.0.2", 80)
+    assert _decode_proc_address("0000000000000000FFFF00000100007F:18EB") == ("127.0.0.1", 6379)
+    assert _decode_proc_address("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert _decode_proc_address("00000000000000000000000000000000:0016") == ("::", 22)
+
+
 # --------------------------------------------------------------------------------------
 # End to end on a real two-node cluster
 
@@ -226,12 +235,12 @@ def loopback_namespace(tmp_path) -> Iterator[LoopbackNamespace]:
     )
     ns.trees.append(holder)
     ns.holder_pid = holder.proc.pid
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{ns.holder_pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
-        assert holder.proc.poll() is None, log_tail(ns.logs / "namespace.log")
-        assert time.monotonic() < deadline, "the namespace did not come up"
-        time.sleep(0.05)
     try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{ns.holder_pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+            assert holder.proc.poll() is None, log_tail(ns.logs / "namespace.log")
+            assert time.monotonic() < deadline, "the namespace did not come up"
+            time.sleep(0.05)
         yield ns
     finally:
         for tree in reversed(ns.trees):  # Ray nodes before the namespace holder

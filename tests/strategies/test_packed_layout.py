@@ -348,7 +348,7 @@ def test_config_rules_of_the_packed_layout():
         parse_run_config({"virtual-clients": 50, "fraction-evaluate": 0.1})
     with pytest.raises(ConfigError, match="driver"):
         parse_run_config({"virtual-clients": 50, "driver": "async"})
-    assert parse_run_config({"virtual-clients": 50}).worker_threads == 1
+    assert parse_run_config({"virtual-clients": 50}).worker_threads == 0  # automatic: 1 thread in simulation
     # A message type routed to the worker carries the share; a one-client message does not.
     layout = PackedLayout(50, sticky=True)
     messages = layout.train_messages([3, 4, 8], [20, 10], RecordDict())
