@@ -366,7 +366,8 @@ def describe(bundle: CertificateBundle) -> str:
                     f"  flower-supernode --superlink {address} "
                     f"--root-certificates {d / 'ca.crt'} "
                     f"--auth-supernode-private-key {d / node.private_key.name} "
-                    f'--node-config "partition-id={i} num-partitions={len(bundle.nodes)}"'
+                    f'--node-config "partition-id={i} data-path=/path/to/local-data.npz '
+                    f'state-dir=/var/lib/pollen"'
                 ),
             ]
     lines.append("Run an app:  flwr run . pollen-tls --stream")

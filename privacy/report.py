@@ -239,6 +239,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+MAX_EPSILON_FOR_PRV = 100.0
+
+
 def write_report(
     run_dir: str | os.PathLike, *, delta: float | None = None, accountant: str | None = None
 ) -> dict:
@@ -270,13 +273,30 @@ def write_report(
     releases = ledger.releases
     if not releases:
         raise ValueError(f"the privacy ledger {ledger_path} has no complete release records")
+    # PRV/PLD cost grows like 1/z²: for a nearly noiseless run (ε in the hundreds or more,
+    # which means no meaningful guarantee anyway) it takes minutes, so such a run is reported
+    # with RDP alone and the report says so.
+    rdp_epsilon = ledger.epsilon("rdp", delta)
+    cheap_only = rdp_epsilon > MAX_EPSILON_FOR_PRV
+    if cheap_only and accountant != "rdp":
+        accountant = "rdp"
     composed = ledger.accountant(accountant)
     report = {
         "run_dir": str(run_dir),
         "epsilon": composed.epsilon(delta),
         "delta": delta,
         "accountant": accountant,
-        "epsilon_by_accountant": {name: ledger.epsilon(name, delta) for name in ACCOUNTANTS},
+        "epsilon_by_accountant": {
+            name: rdp_epsilon if name == "rdp" else ledger.epsilon(name, delta)
+            for name in ACCOUNTANTS
+            if name == "rdp" or not cheap_only
+        },
+        "accountant_note": (
+            f"epsilon above {MAX_EPSILON_FOR_PRV:g}: computed with RDP only (PRV would take "
+            "minutes and give no meaningful guarantee either)"
+            if cheap_only
+            else ""
+        ),
         "target_epsilon": target_epsilon,
         "rounds": len(releases),
         "first_round": releases[0].round,

@@ -217,15 +217,17 @@ def test_report_table_and_plot(tmp_path):
 @pytest.mark.e2e
 def test_tiny_bench_runs_both_layouts_and_the_plain_loop(tmp_path):
     tiny = ScaleSettings(
-        populations=(20, 200), cohorts=(4,), rounds=2, plain_rounds=2, per_client=((20, 4),),
-        goal_setting=(200, 4), rss_populations=(20, 200), run_timeout_s=300,
+        populations=(20,), cohorts=(4,), rounds=2, plain_rounds=2, per_client=((20, 4),),
+        goal_setting=(20, 4), rss_populations=None, run_timeout_s=300,
     )
     result = bs.run(tmp_path, settings=tiny)
-    rows = {(r["layout"], r["population"]): r for r in result["rows"]}
-    for key in [(PACKED, 20), (PACKED, 200), (PLAIN, 20), (PLAIN, 200), (PER_CLIENT, 20)]:
-        assert rows[key]["status"] == "ok", rows[key]
-        assert len(rows[key]["round_s"]) == 2 and rows[key]["steady_round_s"] > 0
+    rows = {r["layout"]: r for r in result["rows"]}
+    assert set(rows) == {PACKED, PLAIN, PER_CLIENT}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert len(row["round_s"]) == 2 and row["steady_round_s"] > 0
+        assert row["total_s"] > sum(row["round_s"])
     # Ray, SuperLink and the simulation are counted; the plain loop is one torch process
-    assert rows[(PACKED, 200)]["peak_rss_mb"] > 2 * rows[(PLAIN, 200)]["peak_rss_mb"] > 200
-    assert rows[(PER_CLIENT, 200)]["status"].startswith("not run (time budget)")
+    assert rows[PACKED]["peak_rss_mb"] > 2 * rows[PLAIN]["peak_rss_mb"] > 200
+    assert [g["passed"] is not None for g in result["goals"]] == [True, True]
     assert {p.name for p in tmp_path.iterdir()} >= {"scale.json", "scale.md", "scale.png"}
