@@ -24,7 +24,8 @@ from fedclient.faults import FaultPlan
 from fedclient.packed_worker import train_share
 from fedclient.pipeline import client_update
 from fedclient.state import state_store
-from fedclient.training import as_tensors, evaluate as evaluate_model, seeded_generator, set_params
+from fedclient.training import as_tensors, seeded_generator, set_params
+from fedclient.training import evaluate as evaluate_model
 from fedserver.config import RunConfig, parse_run_config
 from strategies import wire
 from strategies.client_ids import CLIENT_ID_KEY, CLIENT_ID_QUERY, QUERY_KEY

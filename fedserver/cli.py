@@ -185,27 +185,32 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_launch_arguments(
+    parser: argparse.ArgumentParser, *, run_config_help: str, federation_help: str
+) -> None:
+    """The options shared by the commands that launch a run (`run`, `resume`)."""
+    parser.add_argument("-c", "--run-config", action="append", help=run_config_help)
+    parser.add_argument("-f", "--federation-config", action="append", help=federation_help)
+    parser.add_argument("--app", help="app directory (default: this Pollen checkout)")
+    parser.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="run the ClientApps on this existing Ray cluster: HOST:PORT of its head "
+        "(`ray start --head --port PORT`), or 'auto' for the cluster this machine joined; "
+        "default: a private Ray for this run",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pollen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the Pollen app with flwr run on a private local SuperLink")
-    run.add_argument(
-        "-c", "--run-config", action="append",
-        help='run-config overrides, e.g. "num-server-rounds=5 partitioner=dirichlet"',
-    )
-    run.add_argument(
-        "-f", "--federation-config", action="append",
-        help='simulation settings, e.g. "num-supernodes=20 client-resources-num-cpus=1"',
-    )
-    run.add_argument("--app", help="app directory (default: this Pollen checkout)")
-    run.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
-    run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    run.add_argument(
-        "--ray-address", metavar="ADDR",
-        help="run the ClientApps on this existing Ray cluster: HOST:PORT of its head "
-        "(`ray start --head --port PORT`), or 'auto' for the cluster this machine joined; "
-        "default: a private Ray for this run",
+    _add_launch_arguments(
+        run,
+        run_config_help='run-config overrides, e.g. "num-server-rounds=5 partitioner=dirichlet"',
+        federation_help='simulation settings, e.g. "num-supernodes=20 client-resources-num-cpus=1"',
     )
     run.set_defaults(func=cmd_run)
 
@@ -213,22 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="continue a killed or finished run from its last checkpoint (same trajectory)"
     )
     resume.add_argument("run_dir", help="the run directory (<output-dir>/<run-name>)")
-    resume.add_argument(
-        "-c", "--run-config", action="append",
-        help='what may change, e.g. "num-server-rounds=40" (more rounds) or "round-timeout=300"',
-    )
-    resume.add_argument(
-        "-f", "--federation-config", action="append",
-        help="simulation settings (default: as many supernodes as the run had)",
-    )
-    resume.add_argument("--app", help="app directory (default: this Pollen checkout)")
-    resume.add_argument("--flwr-home", help="Flower home to use (default: a temporary one)")
-    resume.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    resume.add_argument(
-        "--ray-address", metavar="ADDR",
-        help="run the ClientApps on this existing Ray cluster: HOST:PORT of its head "
-        "(`ray start --head --port PORT`), or 'auto' for the cluster this machine joined; "
-        "default: a private Ray for this run",
+    _add_launch_arguments(
+        resume,
+        run_config_help='what may change, e.g. "num-server-rounds=40" (more rounds) or "round-timeout=300"',
+        federation_help="simulation settings (default: as many supernodes as the run had)",
     )
     resume.set_defaults(func=cmd_resume)
 

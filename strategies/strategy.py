@@ -22,7 +22,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -285,7 +293,7 @@ class PollenStrategy(Strategy):
         if self.fraction_evaluate <= 0.0:
             return []
         nodes = sorted(grid.get_node_ids())
-        n = max(1, int(round(len(nodes) * self.fraction_evaluate)))
+        n = max(1, round(len(nodes) * self.fraction_evaluate))
         rng = round_rng(self.seed, server_round, stream=1)
         chosen = sorted(rng.choice(len(nodes), size=min(n, len(nodes)), replace=False))
         content = RecordDict(
