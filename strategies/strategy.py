@@ -224,27 +224,19 @@ class PollenStrategy(Strategy):
             received += 1
             if reply.has_error():
                 stats.failed += 1
-                stats.rejections.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-                log.warning(
-                    "round %d: node %d failed: %s", server_round, reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                reason = f"node {reply.metadata.src_node_id}: {reply.error.reason}"
+                stats.rejections.append(reason)
+                log.warning("round %d: client failed: %s", server_round, reason)
                 continue
             try:
                 update = decode_reply(reply, self._sent, self.codec, self.limits)
+                if self.privacy is not None:
+                    self.privacy.add(update)
             except UpdateRejected as reason:
                 stats.rejected += 1
                 stats.rejections.append(str(reason))
                 log.warning("round %d: rejected update: %s", server_round, reason)
                 continue
-            if self.privacy is not None:
-                try:
-                    self.privacy.add(update)
-                except UpdateRejected as reason:
-                    stats.rejected += 1
-                    stats.rejections.append(str(reason))
-                    log.warning("round %d: rejected update: %s", server_round, reason)
-                    continue
             stats.bytes_up += update.bytes_up
             stats.payload_bytes += update.payload_bytes
             total.add(update.delta, update.num_examples)
