@@ -53,7 +53,7 @@ from privacy.mechanisms import NormBoundExceeded, bound_update
 from simulations.datasets import FederatedData
 from strategies import wire
 from strategies.aggregation import RunningWeightedSum
-from strategies.factory import update_limits
+from strategies.factory import clients_keep_state, update_limits
 from strategies.packed_layout import (
     FAILED,
     OK,
@@ -145,7 +145,8 @@ def train_share(
         dpsgd=dpsgd,
         bound=bound,
         client_bit=client_bit,
-        state_dir=state_directory(cfg, assignment),
+        # Stateless clients (no error feedback, no DP-SGD) skip the per-client disk lookup.
+        state_dir=state_directory(cfg, assignment) if clients_keep_state(cfg) else None,
         run_name=cfg.run_name or str(context.run_id),
     )
     total = RunningWeightedSum()
@@ -170,7 +171,7 @@ class _ClientTrainer:
     dpsgd: DpSgdSpec | None
     bound: Callable | None  # central DP: bound_update with this round's C, or None
     client_bit: bool  # dp-where=client: clients send their own unclipped bit
-    state_dir: Path
+    state_dir: Path | None  # None: the clients keep no state between rounds
     run_name: str
     training: LocalTraining = field(init=False)
     limits: UpdateLimits = field(init=False)
@@ -217,8 +218,10 @@ class _ClientTrainer:
         self.faults.before_training(fault)
         part = self.data.partition(client_id)
         x, y = as_tensors(part.x, part.y, self.device)
-        store = DirectoryStateStore(self.state_dir, self.run_name, client_id, durable=False)
-        state = store.load(self.server_round)
+        store = None if self.state_dir is None else DirectoryStateStore(
+            self.state_dir, self.run_name, client_id, durable=False
+        )
+        state = {} if store is None else store.load(self.server_round)
         if self.dpsgd is not None:  # a re-run round restarts from its old state, not its spending
             state = with_spent_history(state, store.load())
         outcome = client_update(
@@ -233,7 +236,7 @@ class _ClientTrainer:
             transform=self.transform,
             dpsgd=self.dpsgd,
         )
-        if outcome.state or state:
+        if store is not None and (outcome.state or state):
             store.save(outcome.state, self.server_round)
         payload = self.faults.after_training(fault, outcome.payload, self.server_round, client_id)
         metrics = {

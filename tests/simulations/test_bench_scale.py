@@ -138,6 +138,7 @@ SETTINGS = ScaleSettings(per_client=((1_000, 100), (100, 100)))
 def test_steady_round_is_the_median_after_the_first_and_throughput_follows():
     packed, plain = _rows()[:2]
     assert packed.first_round_s == 30.0 and packed.steady_round_s == 5.0
+    assert packed.best_round_s == 4.0 and plain.best_round_s == 9.0
     assert packed.client_updates_per_s == 200.0
     assert plain.steady_round_s == 10.0
     assert math.isnan(Row(PACKED, 10, 5, round_s=[3.0]).steady_round_s)
@@ -146,6 +147,7 @@ def test_steady_round_is_the_median_after_the_first_and_throughput_follows():
 def test_ratios_pair_measurements_of_the_same_setting():
     found = {(r.name, r.population, r.clients_per_round): r.value for r in ratios(_rows(), SETTINGS)}
     assert found.pop(("packed / plain-loop steady round", 10_000, 1_000)) == pytest.approx(0.5)
+    assert found.pop(("packed / plain-loop best round", 10_000, 1_000)) == pytest.approx(4 / 9)
     assert found.pop(("packed / one-per-client client-updates/s", 1_000, 100)) == pytest.approx(
         100 / (100 / 4.4)
     )
@@ -162,6 +164,7 @@ def test_goals_pass_fail_and_not_measured():
     result = {g.name.split(" (")[0]: g for g in goals(_rows(), SETTINGS)}
     round_goal = result["steady round / plain loop ≤ 0.65"]
     assert round_goal.passed is True and round_goal.value == pytest.approx(0.5)
+    assert round_goal.detail == f"fastest rounds of each: {4 / 9:.3f}"
     throughput = result["client-updates/s ≥ 4× one-per-client"]
     assert throughput.passed is True and throughput.value == pytest.approx(8.0)
     assert "100 nodes" in throughput.detail
@@ -208,7 +211,7 @@ def test_report_table_and_plot(tmp_path):
     assert json.loads(text)["rows"][0]["steady_round_s"] == 5.0
     table = markdown_table(rows).splitlines()
     assert len(table) == 2 + len(rows)
-    assert table[2].startswith("| packed | 10,000 | 1,000 | 2 | 30.00 | 5.00 | 200.0 |")
+    assert table[2].startswith("| packed | 10,000 | 1,000 | 2 | 30.00 | 5.00 | 4.00 | 200.0 |")
     assert "failed: RuntimeError: boom" in table[-1] and "| – |" in table[-1]
     path = bs.plot(rows, tmp_path / "scale.png")
     assert path.stat().st_size > 10_000
