@@ -176,6 +176,22 @@ def test_goals_pass_fail_and_not_measured():
     assert goals(rows, SETTINGS)[0].passed is None
 
 
+def test_quick_settings_check_no_goals_but_still_pair_measurements():
+    rows = [
+        Row(PACKED, 200, 20, 2, round_s=[20.0, 0.2, 0.3]),
+        Row(PLAIN, 200, 20, round_s=[1.0, 0.1, 0.1]),
+        Row(PER_CLIENT, 200, 20, 200, round_s=[5.0, 0.5, 0.5]),
+    ]
+    assert goals(rows, bs.QUICK) == []
+    names = [r.name for r in ratios(rows, bs.QUICK)]
+    assert names == [
+        "packed / plain-loop steady round",
+        "packed / plain-loop best round",
+        "packed / one-per-client client-updates/s",
+    ]
+    assert "Goals: none checked for these settings." in bs.summary_lines(ratios(rows, bs.QUICK), [])
+
+
 def test_not_run_reason_predicts_the_round_time_from_the_best_measured_rate():
     reason = not_run_reason(SETTINGS, 10_000, 1_000, _rows())
     assert reason.startswith("not run (time budget)")
