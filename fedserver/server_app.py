@@ -30,6 +30,7 @@ from fedserver.run_dir import RunDirectory
 from privacy.report import write_report
 from strategies.async_driver import AsyncRoundResult
 from strategies.client_ids import discover_client_ids, wait_for_nodes
+from strategies.exchange import send_and_receive
 from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
 from strategies.sync_driver import RoundResult, run_sync
 
@@ -134,7 +135,7 @@ def input_shape_from_nodes(grid: Grid, node_ids: list[int], timeout: float) -> t
     ]
     shapes: dict[tuple[int, ...], list[int]] = {}
     failures = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout=timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             failures.append(f"node {node}: {reply.error.reason}")

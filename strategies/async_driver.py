@@ -49,6 +49,7 @@ from flwr.serverapp import Grid
 
 from strategies import wire
 from strategies.aggregation import WeightedScalars
+from strategies.exchange import MIN_INTERVAL, pull_pause
 from strategies.sampling import FixedSizeSampler
 from strategies.staleness import ModelVersions, StalenessPolicy
 from strategies.strategy import PollenStrategy, RoundStats, to_arrayrecord
@@ -188,7 +189,8 @@ class AsyncDriver:
     report_every : int, optional
         Server steps per observer call (default ``concurrency``).
     poll_interval : float
-        Seconds between ``pull_messages`` calls while nothing has arrived.
+        Least seconds between ``pull_messages`` calls while nothing has arrived; the pause
+        grows with the measured cost of a pull (:func:`strategies.exchange.pull_pause`).
     """
 
     def __init__(
@@ -200,7 +202,7 @@ class AsyncDriver:
         clock: VirtualClock | None = None,
         timeout: float = 600.0,
         report_every: int | None = None,
-        poll_interval: float = 0.05,
+        poll_interval: float = MIN_INTERVAL,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -216,6 +218,7 @@ class AsyncDriver:
         self.timeout = float(timeout)
         self.report_every = report_every
         self.poll_interval = float(poll_interval)
+        self._last_pull_s = 0.0  # how long the last pull took; paces the next one
         self._sampler = FixedSizeSampler(1, strategy.seed)
         self._versions = ModelVersions(policy.max_staleness)
         self._version_base = 0  # global id of the first version published to _versions
@@ -415,8 +418,13 @@ class AsyncDriver:
             if j.message_id is not None and j.message_id not in self._inbox
         ]
         if waiting:
+            started = time.monotonic()
             for reply in grid.pull_messages(waiting):
                 self._inbox[reply.metadata.reply_to_message_id] = reply
+            self._last_pull_s = time.monotonic() - started
+
+    def _pause(self) -> None:
+        time.sleep(pull_pause(self._last_pull_s, min_interval=self.poll_interval))
 
     def _next_arrival(self, grid: Grid) -> tuple[Job, Message | None]:
         """The next job to handle and its reply (``None``: not sent again, or timed out)."""
@@ -427,7 +435,7 @@ class AsyncDriver:
                     break
                 self._poll(grid)
                 if job.message_id not in self._inbox:
-                    time.sleep(self.poll_interval)
+                    self._pause()
             del self._jobs[job.dispatch]
             return job, self._inbox.pop(job.message_id, None) if job.message_id else None
         unsent = [j for j in self._jobs.values() if j.message_id is None]
@@ -445,7 +453,7 @@ class AsyncDriver:
             expired = [j for j in self._jobs.values() if time.monotonic() > j.deadline]
             if expired:
                 return self._jobs.pop(expired[0].dispatch), None
-            time.sleep(self.poll_interval)
+            self._pause()
 
     def _handle(
         self, job: Job, reply: Message | None, params: Params, block: _Block

@@ -14,6 +14,8 @@ import time
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from strategies.exchange import send_and_receive
+
 log = logging.getLogger("pollen")
 
 QUERY_KEY = "pollen-query"
@@ -46,7 +48,7 @@ def discover_client_ids(grid: Grid, node_ids: list[int], *, timeout: float = 120
     content = RecordDict({"config": ConfigRecord({QUERY_KEY: CLIENT_ID_QUERY})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     mapping: dict[int, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout=timeout):
         if reply.has_error() or not reply.content.metric_records:
             continue
         metrics = next(iter(reply.content.metric_records.values()))

@@ -17,6 +17,7 @@ from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from privacy.budget import PrivacyBudgetExceeded
+from strategies.exchange import send_and_receive
 from strategies.strategy import PollenStrategy, RoundStats, to_arrayrecord, to_params
 
 log = logging.getLogger("pollen")
@@ -61,7 +62,7 @@ def run_sync(
             except PrivacyBudgetExceeded as stop:
                 log.warning("stopping before round %d: %s", server_round, stop)
                 return params
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+            replies = send_and_receive(grid, messages, timeout=timeout) if messages else []
             new_arrays, _ = strategy.aggregate_train(server_round, replies)
             stats = strategy.last_round or RoundStats(server_round=server_round)
             total_up += stats.bytes_up
@@ -77,7 +78,7 @@ def run_sync(
         )
         if eval_messages:
             client_eval = strategy.aggregate_evaluate(
-                server_round, grid.send_and_receive(eval_messages, timeout=timeout)
+                server_round, send_and_receive(grid, eval_messages, timeout=timeout)
             )
         result = RoundResult(
             server_round=server_round,
