@@ -183,7 +183,7 @@ class _ClientTrainer:
     def run(self, client_id: int, total: RunningWeightedSum) -> ClientRecord:
         """Train, encode, decode, validate (and DP-bound) one client; add it to ``total``."""
         try:
-            payload, header, metrics = self._train(client_id)
+            payload, header, metrics, untouched = self._train(client_id)
         except Exception as err:  # noqa: BLE001 - as on a SuperNode: a client failure is that client's
             return ClientRecord(
                 client_id, FAILED, reason=f"client {client_id} failed: {type(err).__name__}: {err}"
@@ -195,7 +195,10 @@ class _ClientTrainer:
         source = f"client {client_id}"
         try:
             check_payload_size(source, record.payload_bytes, self.sent, self.limits)
-            delta = decode_payload(source, payload, header, self.sent, self.encoder.codec)
+            # Unless a simulated fault corrupted it, the payload is this worker's own encoding.
+            delta = decode_payload(
+                source, payload, header, self.sent, self.encoder.codec, own=untouched
+            )
             delta, record.update_norm = validate_delta(source, delta, self.sent, self.limits)
             weight = float(num_examples)
             if self.bound is not None:
@@ -213,7 +216,8 @@ class _ClientTrainer:
         total.add(delta, weight)
         return record
 
-    def _train(self, client_id: int) -> tuple[dict, dict, dict[str, float]]:
+    def _train(self, client_id: int) -> tuple[dict, dict, dict[str, float], bool]:
+        """Train one client; returns its payload, header, metrics and whether no fault touched it."""
         fault = self.faults.decide(self.server_round, client_id)
         self.faults.before_training(fault)
         part = self.data.partition(client_id)
@@ -242,4 +246,4 @@ class _ClientTrainer:
         metrics = {
             k: float(v) for k, v in outcome.metrics.items() if isinstance(v, (int, float))
         }
-        return payload, outcome.header, metrics
+        return payload, outcome.header, metrics, payload is outcome.payload

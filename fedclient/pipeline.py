@@ -17,7 +17,7 @@ from torch import nn
 
 from fedclient.dpsgd_training import STATE_PREFIX as DPSGD_PREFIX
 from fedclient.dpsgd_training import DpSgdSpec, train_local_dpsgd
-from fedclient.training import LocalTraining, get_params, set_params, train_local
+from fedclient.training import LocalTraining, params_delta, set_params, train_local
 
 Params = dict[str, np.ndarray]
 
@@ -70,8 +70,7 @@ def client_update(
     else:
         result, history, extra["dpsgd_epsilon"] = train_local_dpsgd(model, x, y, spec, dpsgd, state)
         state = {k: v for k, v in state.items() if not k.startswith(DPSGD_PREFIX)} | history
-    trained = get_params(model)
-    delta = {k: trained[k] - sent[k] for k in sent}
+    delta = params_delta(model, sent)
     train_time = time.perf_counter() - start
     metrics = {
         "num-examples": result.num_examples,

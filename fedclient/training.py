@@ -40,6 +40,14 @@ def get_params(model: nn.Module) -> Params:
     return {k: v.detach().cpu().numpy().astype(np.float32, copy=True) for k, v in model.state_dict().items()}
 
 
+def params_delta(model: nn.Module, reference: Params) -> Params:
+    """``get_params(model) − reference`` as float32 arrays, without the intermediate copy."""
+    return {
+        k: np.subtract(v.detach().cpu().numpy(), reference[k], dtype=np.float32)
+        for k, v in model.state_dict().items()
+    }
+
+
 def set_params(model: nn.Module, params: Params) -> None:
     """Load NumPy arrays into the model in place (keeps the model on its device)."""
     state = model.state_dict()
@@ -49,7 +57,7 @@ def set_params(model: nn.Module, params: Params) -> None:
         )
     with torch.no_grad():
         for k, v in state.items():
-            v.copy_(torch.as_tensor(params[k]).to(v.dtype))
+            v.copy_(torch.as_tensor(params[k]))  # copy_ casts to v's dtype and device
 
 
 def as_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

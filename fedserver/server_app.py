@@ -268,6 +268,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
             row["devices"] = dict(stats.devices)
         if "train_time_s" in stats.client_metrics:  # example-weighted mean over the clients
             row["train_time_s"] = stats.client_metrics["train_time_s"]
+        if stats.worker_s:  # packed layout: the slowest and fastest worker's share
+            row["worker_s_max"], row["worker_s_min"] = max(stats.worker_s), min(stats.worker_s)
         if result.client_eval is not None:
             row["client_eval_loss"] = result.client_eval.get("eval_loss")
             row["client_accuracy"] = result.client_eval.get("accuracy")

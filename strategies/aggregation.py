@@ -28,7 +28,7 @@ class RunningWeightedSum:
             if update.keys() != self._sum.keys():
                 raise ValueError("update keys differ from the first update's keys")
             for k, v in update.items():
-                self._sum[k] += np.asarray(v, dtype=np.float64) * weight
+                self._sum[k] += np.multiply(v, weight, dtype=np.float64)
         self.total_weight += weight
         self.count += 1
 

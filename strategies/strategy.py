@@ -85,6 +85,9 @@ class RoundStats:
     cohort: list[int] = field(default_factory=list)  # node ids (packed: client ids) sampled
     privacy_metrics: dict[str, float] = field(default_factory=dict)  # epsilon, delta, dp_*
     devices: dict[str, int] = field(default_factory=dict)  # accepted updates per client device
+    # Packed layout: seconds each worker spent on its share (training + encode/decode/validate),
+    # so that ``wall_s − max(worker_s)`` is what messaging and the server cost in the round.
+    worker_s: list[float] = field(default_factory=list)
 
 
 class PollenStrategy(Strategy):
@@ -387,6 +390,7 @@ class PollenStrategy(Strategy):
                 log.warning("round %d: %s", server_round, client.reason)
             stats.rejections.append(client.reason)
         total.merge(report.total)
+        stats.worker_s.append(report.worker_time_s)
         return len(report.clients)
 
     # --- checkpoint state ---------------------------------------------------------------

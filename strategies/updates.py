@@ -146,8 +146,13 @@ def check_payload_size(
         )
 
 
-def decode_payload(source: str, payload: Params, header: dict, sent: Params, codec=None) -> Params:
+def decode_payload(
+    source: str, payload: Params, header: dict, sent: Params, codec=None, *, own: bool = False
+) -> Params:
     """Decode a Pollen codec payload into a dense delta shaped like ``sent``.
+
+    ``own``: the payload comes from this process's own encoder, not over a wire
+    (:meth:`~strategies.codecs.base.Codec.decode_own`; a packed worker's clients).
 
     ``source`` names the sender in rejection messages (``"node 7"``, ``"client 42"``).
     """
@@ -155,7 +160,7 @@ def decode_payload(source: str, payload: Params, header: dict, sent: Params, cod
         return payload
     like = {k: (v.shape, v.dtype) for k, v in sent.items()}
     try:
-        return codec.decode(payload, header, like)
+        return codec.decode_own(payload, header, like) if own else codec.decode(payload, header, like)
     except ValueError as err:
         raise UpdateRejected(f"{source}: malformed {codec.name} payload: {err}") from None
 

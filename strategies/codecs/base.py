@@ -155,6 +155,16 @@ class Codec(ABC):
             codec's configuration, or decodes to non-finite values.
         """
 
+    def decode_own(self, payload: Mapping[str, np.ndarray], header: Mapping, like: Like) -> Params:
+        """Decode a payload that this process's own :meth:`encode` just produced.
+
+        A packed worker decodes every client's payload, as the server would, to see exactly
+        the codec's loss; the payload never crossed a wire, so checks that guard the server
+        against malformed input are redundant there. The default is :meth:`decode`;
+        codecs whose payload *is* the update (identity) return it without another pass.
+        """
+        return self.decode(payload, header, like)
+
     def encode_and_reconstruct(
         self, update: Params, state: Params
     ) -> tuple[dict[str, np.ndarray], Header, Params, Params]:

@@ -31,6 +31,14 @@ class IdentityCodec(Codec):
         update = checked_update(update)
         return dict(update), self._header(Layout.of(update)), {}
 
+    def decode_own(self, payload: Mapping[str, np.ndarray], header: Mapping, like: Like) -> Params:
+        """The payload: :meth:`encode` already made it the checked float32 update.
+
+        In :meth:`decode`'s (sorted-name) order, which later stages iterate in — DP noise is
+        drawn array by array in that order.
+        """
+        return {name: payload[name] for name in sorted(payload)}
+
     def decode(self, payload: Mapping[str, np.ndarray], header: Mapping, like: Like) -> Params:
         layout = Layout.of(like)
         self._check_header(header, layout)

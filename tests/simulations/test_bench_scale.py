@@ -250,3 +250,8 @@ def test_tiny_bench_runs_both_layouts_and_the_plain_loop(tmp_path):
     assert rows[PACKED]["peak_rss_mb"] > 2 * rows[PLAIN]["peak_rss_mb"] > 200
     assert [g["passed"] is not None for g in result["goals"]] == [True, True]
     assert {p.name for p in tmp_path.iterdir()} >= {"scale.json", "scale.md", "scale.png"}
+    # packed rows say how long the slowest and fastest worker took, within the round's wall time
+    (packed_dir,) = (tmp_path / "runs").glob("packed-*")
+    for line in (packed_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert 0 < row["worker_s_min"] <= row["worker_s_max"] < row["wall_s"]

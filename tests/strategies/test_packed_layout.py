@@ -132,6 +132,8 @@ def test_both_layouts_train_the_same_clients_to_the_same_model(overrides, tmp_pa
         assert a.stats.bytes_down == b.stats.bytes_down
         assert b.stats.train_loss == pytest.approx(a.stats.train_loss, rel=1e-9)
         assert a.stats.privacy_metrics.keys() == b.stats.privacy_metrics.keys()
+        # each worker reports the time its share took; one-client replies have none
+        assert not a.stats.worker_s and b.stats.worker_s and min(b.stats.worker_s) > 0
     if "fault" in str(overrides):
         assert sum(r.stats.rejected + r.stats.failed for r in one_rounds) > 0
     for name in one:

@@ -95,6 +95,20 @@ def test_encode_and_reconstruct_equals_decoding_the_payload(codec):
 
 
 @pytest.mark.parametrize("codec", _codecs(), ids=lambda c: c.name)
+def test_decode_own_equals_decode_in_values_and_order(codec):
+    # A packed worker decodes its clients' payloads with decode_own; later stages (DP noise)
+    # iterate the result in order, so the order must be decode's too.
+    update = _update(2)
+    payload, header, _ = codec.encode(update, {})
+    decoded = codec.decode(payload, header, like_of(update))
+    own = codec.decode_own(payload, header, like_of(update))
+    assert list(own) == list(decoded)
+    for name in decoded:
+        assert own[name].dtype == decoded[name].dtype == np.float32
+        np.testing.assert_array_equal(own[name], decoded[name])
+
+
+@pytest.mark.parametrize("codec", _codecs(), ids=lambda c: c.name)
 def test_empty_update_and_all_zero_update(codec):
     payload, header, _ = codec.encode({}, {})
     assert codec.decode(payload, header, {}) == {}
