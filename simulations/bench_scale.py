@@ -7,7 +7,10 @@ per round) it runs, in one command and one after another:
   ``virtual-clients=N`` on ``workers`` worker SuperNodes with one torch thread and one core each;
 * a **plain single-threaded PyTorch loop** doing the same local training and averaging on the
   same cohorts (:func:`simulations.plain_loop.plain_fedavg`), in a fresh process so that its
-  memory and start-up are measured like a run's;
+  memory and start-up are measured like a run's — a fresh ``torch.optim.SGD`` per client, as
+  a researcher would write it; at the goal setting also with Pollen's ``PlainSGD`` step
+  (layout ``plain-loop-plainsgd``), which both layouts train with, to show how much of the
+  packed layout's gain is the lighter optimizer step and how much the layout itself;
 * the **one-SuperNode-per-client layout** (``num-supernodes=N``) where it is feasible. Flower's
   simulation registers every SuperNode, polls each node id every 0.1 s and sends every client
   its own message through a Ray actor; with thousands of nodes a round takes minutes, so only
@@ -56,7 +59,9 @@ from fedserver.launcher import _TOKEN_VARIABLE
 from simulations.plain_loop import PlainLoopResult, plain_fedavg
 
 PACKED, PER_CLIENT, PLAIN = "packed", "one-per-client", "plain-loop"
-LAYOUTS = (PACKED, PER_CLIENT, PLAIN)
+#: The plain loop with Pollen's PlainSGD step instead of torch.optim.SGD (goal setting only).
+PLAIN_SGD = "plain-loop-plainsgd"
+LAYOUTS = (PACKED, PER_CLIENT, PLAIN, PLAIN_SGD)
 
 #: The workload of the issue's goals: Synthetic(1,1), 50 examples per client, the MLP,
 #: one local epoch in batches of 32, FedAvg without DP or compression.
@@ -294,7 +299,7 @@ def run_config(settings: ScaleSettings, layout: str, population: int, cohort: in
     config = {
         **settings.workload,
         "clients-per-round": cohort,
-        "num-server-rounds": settings.plain_rounds if layout == PLAIN else settings.rounds,
+        "num-server-rounds": settings.plain_rounds if layout in (PLAIN, PLAIN_SGD) else settings.rounds,
     }
     if layout == PACKED:
         config |= {"virtual-clients": population, "worker-threads": 1}
@@ -325,18 +330,24 @@ def measure_flwr(
     return row
 
 
-def _plain_loop(config: dict[str, Any], population: int) -> PlainLoopResult:
-    return plain_fedavg(parse_run_config(config), num_clients=population, threads=1)
+def _plain_loop(config: dict[str, Any], population: int, sgd: str) -> PlainLoopResult:
+    return plain_fedavg(parse_run_config(config), num_clients=population, threads=1, sgd=sgd)
 
 
-def measure_plain(settings: ScaleSettings, population: int, cohort: int) -> Row:
-    """The plain loop on the same cohorts, in a fresh process (its start-up and memory count)."""
-    row = Row(PLAIN, population, cohort)
-    config = run_config(settings, PLAIN, population, cohort)
+def measure_plain(settings: ScaleSettings, population: int, cohort: int, sgd: str = "torch") -> Row:
+    """The plain loop on the same cohorts, in a fresh process (its start-up and memory count).
+
+    ``sgd="plain"`` (layout ``plain-loop-plainsgd``) trains with Pollen's PlainSGD step, as
+    both layouts do, instead of a fresh ``torch.optim.SGD`` per client: the ratio to it is
+    what the packed layout buys beyond the lighter optimizer step.
+    """
+    layout = PLAIN if sgd == "torch" else PLAIN_SGD
+    row = Row(layout, population, cohort)
+    config = run_config(settings, layout, population, cohort)
     with _measured(row):
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            result = pool.submit(_plain_loop, config, population).result()
+            result = pool.submit(_plain_loop, config, population, sgd).result()
     row.round_s = result.round_s
     return row
 
@@ -414,6 +425,13 @@ def ratios(rows: Sequence[Row], settings: ScaleSettings) -> list[Ratio]:
                              packed.steady_round_s / plain.steady_round_s))
             out.append(Ratio("packed / plain-loop best round", population, cohort,
                              packed.best_round_s / plain.best_round_s))
+        lean = _find(rows, PLAIN_SGD, population, cohort)
+        if lean is not None:
+            out.append(Ratio("packed / plain-loop-plainsgd steady round", population, cohort,
+                             packed.steady_round_s / lean.steady_round_s))
+            if plain is not None:
+                out.append(Ratio("plain-loop-plainsgd / plain-loop steady round", population,
+                                 cohort, lean.steady_round_s / plain.steady_round_s))
         per_client = _find(rows, PER_CLIENT, population, cohort)
         if per_client is not None:
             out.append(Ratio("packed / one-per-client client-updates/s", population, cohort,
@@ -539,6 +557,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         ("peak_rss_mb", "peak RSS of the process tree (MB)"),
     )
     styles = {PACKED: ("tab:green", "o", "-"), PLAIN: ("tab:blue", "s", "--"),
+              PLAIN_SGD: ("tab:purple", "D", ":"),
               PER_CLIENT: ("tab:red", "^", ":")}
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.4))
     series: dict[tuple[str, int], list[Row]] = {}
@@ -614,6 +633,8 @@ def run(out_dir: Path, quick: bool = False, settings: ScaleSettings | None = Non
     for population, cohort in settings.settings():
         record(measure_flwr(settings, PACKED, population, cohort, out_dir))
         record(measure_plain(settings, population, cohort))
+        if (population, cohort) == settings.goal_setting:
+            record(measure_plain(settings, population, cohort, sgd="plain"))
     for population, cohort in settings.settings():
         if (population, cohort) in settings.per_client:
             record(measure_flwr(settings, PER_CLIENT, population, cohort, out_dir))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fedclient.components import data_spec, federated_data, new_model
-from fedclient.training import seeded_generator
+from fedclient.training import PlainSGD, seeded_generator
 from fedserver.config import RunConfig
 from strategies.sampling import FixedSizeSampler
 
@@ -49,6 +49,7 @@ def plain_fedavg(
     num_clients: int,
     num_rounds: int | None = None,
     threads: int = 1,
+    sgd: str = "torch",
 ) -> PlainLoopResult:
     """Run FedAvg rounds as a plain PyTorch loop and time each round.
 
@@ -64,9 +65,17 @@ def plain_fedavg(
         Defaults to ``cfg.num_server_rounds``.
     threads : int
         torch intra-op threads for the loop (1: single-threaded; restored afterwards).
+    sgd : {"torch", "plain"}
+        ``"torch"``: a fresh ``torch.optim.SGD`` per client, as a researcher would write it
+        (the baseline of ``pollen bench scale``'s goal). ``"plain"``: Pollen's
+        :class:`fedclient.training.PlainSGD` (the same update, bitwise), which both of
+        Pollen's layouts train with — it separates what the lighter optimizer step buys
+        from what the layout buys.
     """
     if cfg.strategy != "fedavg":
         raise ValueError(f"plain_fedavg implements strategy='fedavg' only, got {cfg.strategy!r}")
+    if sgd not in ("torch", "plain"):
+        raise ValueError(f"sgd must be 'torch' or 'plain', got {sgd!r}")
     rounds = cfg.num_server_rounds if num_rounds is None else num_rounds
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -86,14 +95,14 @@ def plain_fedavg(
                 x = torch.as_tensor(part.x, dtype=torch.float32)
                 y = torch.as_tensor(part.y, dtype=torch.long)
                 model.load_state_dict(global_state)
-                optimizer = torch.optim.SGD(
+                optimizer = (torch.optim.SGD if sgd == "torch" else PlainSGD)(
                     model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay,
                 )
                 model.train()
                 generator = seeded_generator(cfg.seed, server_round, client)
                 for batch in _batches(len(y), cfg, generator):
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad()
                     loss_fn(model(x[batch]), y[batch]).backward()
                     optimizer.step()
                 n = len(y)

@@ -18,6 +18,7 @@ from simulations.bench_scale import (
     PACKED,
     PER_CLIENT,
     PLAIN,
+    PLAIN_SGD,
     Row,
     ScaleSettings,
     goals,
@@ -119,6 +120,7 @@ def _rows() -> list[Row]:
         # (10k, 1000): packed 4 rounds, first with start-up; steady = median(5, 6, 4) = 5
         Row(PACKED, 10_000, 1_000, 2, round_s=[30.0, 5.0, 6.0, 4.0], peak_rss_mb=2_000.0),
         Row(PLAIN, 10_000, 1_000, round_s=[12.0, 9.0, 11.0], peak_rss_mb=400.0),
+        Row(PLAIN_SGD, 10_000, 1_000, round_s=[10.0, 8.0, 8.0], peak_rss_mb=400.0),
         # (1k, 1000) and (100k, 1000): peak RSS 2,100 vs 2,600 MB → ×1.238
         Row(PACKED, 1_000, 1_000, 2, round_s=[30.0, 5.0, 5.0], peak_rss_mb=2_100.0),
         Row(PACKED, 100_000, 1_000, 2, round_s=[30.0, 5.0, 5.0], peak_rss_mb=2_600.0),
@@ -148,6 +150,13 @@ def test_ratios_pair_measurements_of_the_same_setting():
     found = {(r.name, r.population, r.clients_per_round): r.value for r in ratios(_rows(), SETTINGS)}
     assert found.pop(("packed / plain-loop steady round", 10_000, 1_000)) == pytest.approx(0.5)
     assert found.pop(("packed / plain-loop best round", 10_000, 1_000)) == pytest.approx(4 / 9)
+    # the second baseline (PlainSGD step): what the layout buys beyond the lighter step
+    assert found.pop(("packed / plain-loop-plainsgd steady round", 10_000, 1_000)) == (
+        pytest.approx(5 / 8)
+    )
+    assert found.pop(("plain-loop-plainsgd / plain-loop steady round", 10_000, 1_000)) == (
+        pytest.approx(8 / 10)
+    )
     assert found.pop(("packed / one-per-client client-updates/s", 1_000, 100)) == pytest.approx(
         100 / (100 / 4.4)
     )
@@ -241,7 +250,7 @@ def test_tiny_bench_runs_both_layouts_and_the_plain_loop(tmp_path):
     )
     result = bs.run(tmp_path, settings=tiny)
     rows = {r["layout"]: r for r in result["rows"]}
-    assert set(rows) == {PACKED, PLAIN, PER_CLIENT}
+    assert set(rows) == {PACKED, PLAIN, PLAIN_SGD, PER_CLIENT}  # PlainSGD loop: goal setting
     for row in rows.values():
         assert row["status"] == "ok", row
         assert len(row["round_s"]) == 2 and row["steady_round_s"] > 0

@@ -368,3 +368,9 @@ def test_packed_layout_equals_a_plain_pytorch_fedavg_loop():
     assert len(plain.round_s) == 3
     for name in packed:
         np.testing.assert_allclose(packed[name], plain.params[name], rtol=1e-6, atol=1e-7)
+    # the loop with Pollen's PlainSGD step (the bench's second baseline) is the same loop, bitwise
+    lean = plain_fedavg(parse_run_config(raw), num_clients=40, num_rounds=3, sgd="plain")
+    for name, value in plain.params.items():
+        np.testing.assert_array_equal(lean.params[name], value)
+    with pytest.raises(ValueError, match="sgd"):
+        plain_fedavg(parse_run_config(raw), num_clients=40, num_rounds=1, sgd="adam")
