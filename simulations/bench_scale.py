@@ -93,6 +93,11 @@ class ScaleSettings:
         Worker SuperNodes of the packed layout, each with one core and one torch thread.
     per_client : tuple of (population, cohort)
         Settings also run with one SuperNode per client; the others are reported as not run.
+    goal_pairs : int
+        At the goal setting the packed run and the plain loops are measured this many times,
+        alternating, and the goal is checked on the median of the paired ratios: on a shared
+        machine the background load drifts over the minutes a bench takes, and one pair
+        measured half a minute apart can land on either side of it.
     goal_setting : (population, cohort), optional
         Where the packed layout is compared with the plain loop and the per-client layout
         (``None``: not checked).
@@ -110,6 +115,7 @@ class ScaleSettings:
     workers: int = 2
     per_client: tuple[tuple[int, int], ...] = ((1_000, 100),)
     goal_setting: tuple[int, int] | None = (10_000, 1_000)
+    goal_pairs: int = 3
     rss_populations: tuple[int, int] | None = (1_000, 100_000)
     max_round_ratio: float = 0.65  # packed steady round / plain loop
     min_throughput_ratio: float = 4.0  # packed client-updates/s / one-per-client
@@ -123,6 +129,8 @@ class ScaleSettings:
                 f"rounds and plain_rounds must be >= 2 (the first is not steady), got "
                 f"{self.rounds} and {self.plain_rounds}"
             )
+        if self.goal_pairs < 1:
+            raise ValueError(f"goal_pairs must be >= 1, got {self.goal_pairs}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if any(c > p for p, c in self.per_client):
@@ -158,6 +166,7 @@ class Row:
     supernodes: int = 0  # packed: workers; one-per-client: the population; plain loop: 0
     status: str = "ok"
     round_s: list[float] = field(default_factory=list)
+    repeat: int = 0  # which of the goal setting's alternating measurements (0-based)
     total_s: float = math.nan  # the whole command: start-up, rounds, shutdown
     peak_rss_mb: float = math.nan
     load_avg: float = math.nan  # 1-minute load average, mean of start and end
@@ -308,13 +317,14 @@ def run_config(settings: ScaleSettings, layout: str, population: int, cohort: in
 
 
 def measure_flwr(
-    settings: ScaleSettings, layout: str, population: int, cohort: int, out_dir: Path
+    settings: ScaleSettings, layout: str, population: int, cohort: int, out_dir: Path,
+    repeat: int = 0,
 ) -> Row:
     """One ``flwr run`` of ``layout``; a failure becomes the row's status, not an exception."""
     from simulations.layout_timing import time_flwr_run
 
     nodes = settings.workers if layout == PACKED else population
-    row = Row(layout, population, cohort, supernodes=nodes)
+    row = Row(layout, population, cohort, supernodes=nodes, repeat=repeat)
     config = run_config(settings, layout, population, cohort)
     federation = {"num-supernodes": nodes, "client-resources-num-cpus": 1}
     try:
@@ -334,7 +344,9 @@ def _plain_loop(config: dict[str, Any], population: int, sgd: str) -> PlainLoopR
     return plain_fedavg(parse_run_config(config), num_clients=population, threads=1, sgd=sgd)
 
 
-def measure_plain(settings: ScaleSettings, population: int, cohort: int, sgd: str = "torch") -> Row:
+def measure_plain(
+    settings: ScaleSettings, population: int, cohort: int, sgd: str = "torch", repeat: int = 0
+) -> Row:
     """The plain loop on the same cohorts, in a fresh process (its start-up and memory count).
 
     ``sgd="plain"`` (layout ``plain-loop-plainsgd``) trains with Pollen's PlainSGD step, as
@@ -342,7 +354,7 @@ def measure_plain(settings: ScaleSettings, population: int, cohort: int, sgd: st
     what the packed layout buys beyond the lighter optimizer step.
     """
     layout = PLAIN if sgd == "torch" else PLAIN_SGD
-    row = Row(layout, population, cohort)
+    row = Row(layout, population, cohort, repeat=repeat)
     config = run_config(settings, layout, population, cohort)
     with _measured(row):
         context = multiprocessing.get_context("spawn")
@@ -398,12 +410,27 @@ class Goal:
     detail: str = ""
 
 
-def _find(rows: Sequence[Row], layout: str, population: int, cohort: int) -> Row | None:
+def _find(
+    rows: Sequence[Row], layout: str, population: int, cohort: int, repeat: int = 0
+) -> Row | None:
     return next(
-        (r for r in rows if r.ok and (r.layout, r.population, r.clients_per_round) ==
-         (layout, population, cohort)),
+        (r for r in rows if r.ok and (r.layout, r.population, r.clients_per_round, r.repeat) ==
+         (layout, population, cohort, repeat)),
         None,
     )
+
+
+def goal_pairs(rows: Sequence[Row], settings: ScaleSettings) -> list[tuple[Row, Row]]:
+    """(packed, plain loop) measured back to back at the goal setting, one pair per repeat."""
+    if settings.goal_setting is None:
+        return []
+    pairs = []
+    for k in range(settings.goal_pairs):
+        packed = _find(rows, PACKED, *settings.goal_setting, repeat=k)
+        plain = _find(rows, PLAIN, *settings.goal_setting, repeat=k)
+        if packed is not None and plain is not None:
+            pairs.append((packed, plain))
+    return pairs
 
 
 def best_per_client(rows: Sequence[Row]) -> Row | None:
@@ -413,36 +440,29 @@ def best_per_client(rows: Sequence[Row]) -> Row | None:
 
 
 def ratios(rows: Sequence[Row], settings: ScaleSettings) -> list[Ratio]:
-    """Packed vs plain loop (steady round), packed vs one-per-client (throughput), memory growth."""
+    """Packed vs plain loop (steady round), packed vs one-per-client (throughput), memory growth.
+
+    At the goal setting every repeated pair gets its ratios (``, pair k`` from the second on)
+    and the steady-round ratio also its median over the pairs.
+    """
     out = []
     for population, cohort in settings.settings():
-        packed = _find(rows, PACKED, population, cohort)
-        if packed is None:
-            continue
-        plain = _find(rows, PLAIN, population, cohort)
-        if plain is not None:
-            out.append(Ratio("packed / plain-loop steady round", population, cohort,
-                             packed.steady_round_s / plain.steady_round_s))
-            out.append(Ratio("packed / plain-loop best round", population, cohort,
-                             packed.best_round_s / plain.best_round_s))
-        lean = _find(rows, PLAIN_SGD, population, cohort)
-        if lean is not None:
-            out.append(Ratio("packed / plain-loop-plainsgd steady round", population, cohort,
-                             packed.steady_round_s / lean.steady_round_s))
-            if plain is not None:
-                out.append(Ratio("plain-loop-plainsgd / plain-loop steady round", population,
-                                 cohort, lean.steady_round_s / plain.steady_round_s))
-        per_client = _find(rows, PER_CLIENT, population, cohort)
-        if per_client is not None:
-            out.append(Ratio("packed / one-per-client client-updates/s", population, cohort,
-                             packed.client_updates_per_s / per_client.client_updates_per_s))
+        repeats = settings.goal_pairs if (population, cohort) == settings.goal_setting else 1
+        for k in range(repeats):
+            out += _setting_ratios(rows, population, cohort, k)
+        pairs = goal_pairs(rows, settings) if repeats > 1 else []
+        if len(pairs) > 1:
+            out.append(Ratio(
+                f"packed / plain-loop steady round, median of {len(pairs)} pairs", population,
+                cohort, _median_ratio(pairs),
+            ))
     best = best_per_client(rows)
-    packed = None if settings.goal_setting is None else _find(rows, PACKED, *settings.goal_setting)
-    if best is not None and packed is not None:
+    throughput = _goal_throughput(rows, settings)
+    if best is not None and not math.isnan(throughput):
         out.append(Ratio(
             f"packed / best one-per-client ({best.population:,}/{best.clients_per_round}) "
             "client-updates/s", *settings.goal_setting,
-            packed.client_updates_per_s / best.client_updates_per_s,
+            throughput / best.client_updates_per_s,
         ))
     if settings.rss_populations is None:
         return out
@@ -453,6 +473,47 @@ def ratios(rows: Sequence[Row], settings: ScaleSettings) -> list[Ratio]:
             out.append(Ratio(f"packed peak RSS, population {large:,} / {small:,}", large, cohort,
                              b.peak_rss_mb / a.peak_rss_mb))
     return out
+
+
+def _setting_ratios(rows: Sequence[Row], population: int, cohort: int, k: int) -> list[Ratio]:
+    packed = _find(rows, PACKED, population, cohort, k)
+    if packed is None:
+        return []
+    tag = "" if k == 0 else f", pair {k + 1}"
+    out = []
+    plain = _find(rows, PLAIN, population, cohort, k)
+    if plain is not None:
+        out.append(Ratio(f"packed / plain-loop steady round{tag}", population, cohort,
+                         packed.steady_round_s / plain.steady_round_s))
+        out.append(Ratio(f"packed / plain-loop best round{tag}", population, cohort,
+                         packed.best_round_s / plain.best_round_s))
+    lean = _find(rows, PLAIN_SGD, population, cohort, k)
+    if lean is not None:
+        out.append(Ratio(f"packed / plain-loop-plainsgd steady round{tag}", population, cohort,
+                         packed.steady_round_s / lean.steady_round_s))
+        if plain is not None:
+            out.append(Ratio(f"plain-loop-plainsgd / plain-loop steady round{tag}", population,
+                             cohort, lean.steady_round_s / plain.steady_round_s))
+    per_client = _find(rows, PER_CLIENT, population, cohort, k)
+    if per_client is not None:
+        out.append(Ratio(f"packed / one-per-client client-updates/s{tag}", population, cohort,
+                         packed.client_updates_per_s / per_client.client_updates_per_s))
+    return out
+
+
+def _median_ratio(pairs: Sequence[tuple[Row, Row]], best: bool = False) -> float:
+    if best:
+        return float(statistics.median(a.best_round_s / b.best_round_s for a, b in pairs))
+    return float(statistics.median(a.steady_round_s / b.steady_round_s for a, b in pairs))
+
+
+def _goal_throughput(rows: Sequence[Row], settings: ScaleSettings) -> float:
+    """Median client-updates/s of the packed runs at the goal setting (NaN: none)."""
+    if settings.goal_setting is None:
+        return math.nan
+    runs = [_find(rows, PACKED, *settings.goal_setting, k) for k in range(settings.goal_pairs)]
+    rates = [r.client_updates_per_s for r in runs if r is not None]
+    return float(statistics.median(rates)) if rates else math.nan
 
 
 def goals(rows: Sequence[Row], settings: ScaleSettings) -> list[Goal]:
@@ -476,21 +537,22 @@ def _layout_goals(rows: Sequence[Row], settings: ScaleSettings) -> list[Goal]:
     """Packed vs plain loop (round time) and vs one SuperNode per client (throughput)."""
     population, cohort = settings.goal_setting
     where = f"packed, {population:,} clients, {cohort:,}/round, {settings.workers} workers"
-    packed = _find(rows, PACKED, population, cohort)
-    plain = _find(rows, PLAIN, population, cohort)
+    pairs = goal_pairs(rows, settings)
     best = best_per_client(rows)
     out = []
-    value = math.nan if packed is None or plain is None else packed.steady_round_s / plain.steady_round_s
+    value = _median_ratio(pairs) if pairs else math.nan
+    each = ", ".join(f"{a.steady_round_s / b.steady_round_s:.3f}" for a, b in pairs)
     out.append(Goal(
         f"steady round / plain loop ≤ {settings.max_round_ratio:g} ({where})",
         value, settings.max_round_ratio,
         None if math.isnan(value) else value <= settings.max_round_ratio,
-        "" if math.isnan(value) else
-        f"fastest rounds of each: {packed.best_round_s / plain.best_round_s:.3f}",
+        "" if not pairs else (
+            (f"median of {len(pairs)} alternating pairs: {each}; " if len(pairs) > 1 else "")
+            + f"fastest rounds of each: {_median_ratio(pairs, best=True):.3f}"
+        ),
     ))
-    value = math.nan if packed is None or best is None else (
-        packed.client_updates_per_s / best.client_updates_per_s
-    )
+    throughput = _goal_throughput(rows, settings)
+    value = math.nan if best is None else throughput / best.client_updates_per_s
     out.append(Goal(
         f"client-updates/s ≥ {settings.min_throughput_ratio:g}× one-per-client ({where})",
         value, settings.min_throughput_ratio,
@@ -520,7 +582,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.layout} | {r.population:,} | {r.clients_per_round:,} | "
+            f"| {r.layout}{f' #{r.repeat + 1}' if r.repeat else ''} | {r.population:,} | {r.clients_per_round:,} | "
             f"{r.supernodes if r.supernodes else '–'} | {_num(r.first_round_s)} | "
             f"{_num(r.steady_round_s)} | {_num(r.best_round_s)} | "
             f"{_num(r.client_updates_per_s, 1) if r.ok else '–'} | "
@@ -562,7 +624,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.4))
     series: dict[tuple[str, int], list[Row]] = {}
     for r in rows:
-        if r.ok:
+        if r.ok and r.repeat == 0:  # repeats of the goal setting are in the table, not here
             series.setdefault((r.layout, r.clients_per_round), []).append(r)
     for ax, (attribute, label) in zip(axes, panels, strict=True):
         for (layout, cohort), members in sorted(series.items()):
@@ -635,6 +697,10 @@ def run(out_dir: Path, quick: bool = False, settings: ScaleSettings | None = Non
         record(measure_plain(settings, population, cohort))
         if (population, cohort) == settings.goal_setting:
             record(measure_plain(settings, population, cohort, sgd="plain"))
+            for k in range(1, settings.goal_pairs):  # alternate again: the load drifts
+                record(measure_flwr(settings, PACKED, population, cohort, out_dir, repeat=k))
+                record(measure_plain(settings, population, cohort, repeat=k))
+                record(measure_plain(settings, population, cohort, sgd="plain", repeat=k))
     for population, cohort in settings.settings():
         if (population, cohort) in settings.per_client:
             record(measure_flwr(settings, PER_CLIENT, population, cohort, out_dir))
@@ -643,7 +709,7 @@ def run(out_dir: Path, quick: bool = False, settings: ScaleSettings | None = Non
             rows.append(Row(PER_CLIENT, population, cohort, supernodes=population,
                             status=not_run_reason(settings, population, cohort, rows)))
     order = {layout: i for i, layout in enumerate(LAYOUTS)}
-    rows.sort(key=lambda r: (r.population, r.clients_per_round, order[r.layout]))
+    rows.sort(key=lambda r: (r.population, r.clients_per_round, r.repeat, order[r.layout]))
 
     import flwr
     import torch

@@ -185,6 +185,30 @@ def test_goals_pass_fail_and_not_measured():
     assert goals(rows, SETTINGS)[0].passed is None
 
 
+def test_goal_is_the_median_of_alternating_pairs():
+    settings = ScaleSettings(per_client=((1_000, 100),), goal_pairs=3)
+    rows = _rows() + [
+        # pair 2: a slow packed run (ratio 0.9); pair 3: ratio 0.6 → median of 0.5, 0.9, 0.6
+        Row(PACKED, 10_000, 1_000, 2, round_s=[30.0, 9.0, 9.0], repeat=1),
+        Row(PLAIN, 10_000, 1_000, round_s=[12.0, 10.0, 10.0], repeat=1),
+        Row(PACKED, 10_000, 1_000, 2, round_s=[30.0, 6.0, 6.0], repeat=2),
+        Row(PLAIN, 10_000, 1_000, round_s=[12.0, 10.0, 10.0], repeat=2),
+    ]
+    (round_goal, throughput, *_) = goals(rows, settings)
+    assert round_goal.value == pytest.approx(0.6) and round_goal.passed is True
+    assert "median of 3 alternating pairs: 0.500, 0.900, 0.600" in round_goal.detail
+    # throughput: median packed client-updates/s over the repeats (1000/5, 1000/9, 1000/6)
+    assert throughput.value == pytest.approx((1_000 / 6) / 25)  # best per-client: 25/s
+    found = {(r.name, r.population): r.value for r in ratios(rows, settings)}
+    assert found[("packed / plain-loop steady round, pair 2", 10_000)] == pytest.approx(0.9)
+    assert found[("packed / plain-loop steady round, median of 3 pairs", 10_000)] == (
+        pytest.approx(0.6)
+    )
+    assert "| packed #3 | 10,000 |" in markdown_table(rows)
+    with pytest.raises(ValueError, match="goal_pairs"):
+        ScaleSettings(goal_pairs=0)
+
+
 def test_quick_settings_check_no_goals_but_still_pair_measurements():
     rows = [
         Row(PACKED, 200, 20, 2, round_s=[20.0, 0.2, 0.3]),
@@ -246,10 +270,14 @@ def test_report_table_and_plot(tmp_path):
 def test_tiny_bench_runs_both_layouts_and_the_plain_loop(tmp_path):
     tiny = ScaleSettings(
         populations=(20,), cohorts=(4,), rounds=2, plain_rounds=2, per_client=((20, 4),),
-        goal_setting=(20, 4), rss_populations=None, run_timeout_s=300,
+        goal_setting=(20, 4), goal_pairs=2, rss_populations=None, run_timeout_s=300,
     )
     result = bs.run(tmp_path, settings=tiny)
-    rows = {r["layout"]: r for r in result["rows"]}
+    # the goal setting's packed run and plain loops are measured twice, alternating
+    assert sorted((r["layout"], r["repeat"]) for r in result["rows"] if r["repeat"]) == [
+        (PACKED, 1), (PLAIN, 1), (PLAIN_SGD, 1)
+    ]
+    rows = {r["layout"]: r for r in result["rows"] if r["repeat"] == 0}
     assert set(rows) == {PACKED, PLAIN, PLAIN_SGD, PER_CLIENT}  # PlainSGD loop: goal setting
     for row in rows.values():
         assert row["status"] == "ok", row
@@ -260,7 +288,8 @@ def test_tiny_bench_runs_both_layouts_and_the_plain_loop(tmp_path):
     assert [g["passed"] is not None for g in result["goals"]] == [True, True]
     assert {p.name for p in tmp_path.iterdir()} >= {"scale.json", "scale.md", "scale.png"}
     # packed rows say how long the slowest and fastest worker took, within the round's wall time
-    (packed_dir,) = (tmp_path / "runs").glob("packed-*")
-    for line in (packed_dir / "metrics.jsonl").read_text().splitlines():
+    packed_dirs = list((tmp_path / "runs").glob("packed-*"))
+    assert len(packed_dirs) == 2
+    for line in (packed_dirs[0] / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert 0 < row["worker_s_min"] <= row["worker_s_max"] < row["wall_s"]
