@@ -178,14 +178,37 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: MetricRecord({CLIENT_ID_KEY: client_id})}), reply_to=msg)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_test_tensors(spec, num_partitions: int, partition: int, device: str):
+    """This client's own held-out examples on ``device``, or ``None`` (see ``client_test``)."""
+    data = federated_data(spec, num_partitions).client_test(partition if not spec.data_path else 0)
+    return None if data is None else as_tensors(data.x, data.y, torch.device(device))
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Loss/accuracy of the global model on this client's local data (the federated objective)."""
+    """Loss/accuracy of the global model on this client's held-out data, else its training data.
+
+    Held-out where the client has some of its own (a device's hold-out of its file, a
+    Synthetic client's test stream); otherwise the training partition — the federated
+    objective. ``holdout`` (1 or 0) says which, so the server's example-weighted mean is the
+    fraction of evaluated examples that were held out.
+    """
     cfg = run_config(context)
     _, x, y, model = _local_data(cfg, context)
+    client_id, num_partitions, data_path = client_identity(context)
+    spec = data_spec(cfg, data_path or None)
+    held_out = _device_test_tensors(
+        spec, num_partitions if not spec.data_path else 1, client_id, str(x.device)
+    )
+    if held_out is not None:
+        x, y = held_out
     set_params(model, to_params(msg.content[wire.ARRAYS]))
     loss, accuracy = evaluate_model(model, x, y)
-    metrics = MetricRecord({"eval_loss": loss, "accuracy": accuracy, "num-examples": int(x.shape[0])})
+    metrics = MetricRecord({
+        "eval_loss": loss, "accuracy": accuracy, "num-examples": int(x.shape[0]),
+        "holdout": int(held_out is not None),
+    })
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 

@@ -177,8 +177,9 @@ class RunConfig:
     # --- evaluation --------------------------------------------------------------------
     fraction_evaluate: float = _key(
         0.0,
-        "Fraction of clients that also evaluate the global model on their local data "
-        "each round (0: central evaluation only).",
+        "Fraction of clients that also evaluate the global model each round, on their own "
+        "held-out data where they have some (devices, synthetic), else on their training data "
+        "(0: central evaluation only).",
         low=0.0, high=1.0, section="evaluation",
     )
     # --- server strategy ---------------------------------------------------------------

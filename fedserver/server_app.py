@@ -273,6 +273,8 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
         if result.client_eval is not None:
             row["client_eval_loss"] = result.client_eval.get("eval_loss")
             row["client_accuracy"] = result.client_eval.get("accuracy")
+            # fraction of the evaluated examples that were the clients' own held-out data
+            row["client_eval_holdout"] = result.client_eval.get("holdout")
         run.append_metrics(row)
         rows.append(row)
         state_dict = {k: torch.from_numpy(v.copy()) for k, v in result.params.items()}

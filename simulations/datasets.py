@@ -222,6 +222,17 @@ class FederatedData(ABC):
     def test_set(self) -> ArrayDataset:
         """Return the central held-out test set (built once)."""
 
+    def client_test(self, i: int) -> ArrayDataset | None:
+        """Client ``i``'s own held-out examples, for client-side evaluation; ``None``: it has none.
+
+        Where a client has data of its own that it did not train on — a device's hold-out of
+        its file, a Synthetic client's separate test stream — client-side evaluation measures
+        generalisation on the client's distribution. Partitions of a shared data set have no
+        such split (the test split is the server's), and clients evaluate on their training
+        partition: the federated training objective.
+        """
+        return None
+
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split example indices into train and test, keeping class proportions.
@@ -309,6 +320,13 @@ class SyntheticData(FederatedData):
         x, y = self._federation.train_data(i, self._samples_per_client)
         return ArrayDataset(x=x, y=y, num_classes=self.num_classes)
 
+    def client_test(self, i: int) -> ArrayDataset:
+        """``test-fraction`` × ``samples-per-client`` fresh examples of client ``i``'s distribution."""
+        if not 0 <= i < self.num_partitions:
+            raise ValueError(f"partition id {i} is outside [0, {self.num_partitions})")
+        x, y = self._federation.test_data(int(i), self._test_per_client)
+        return ArrayDataset(x=x, y=y, num_classes=self.num_classes)
+
     def test_set(self) -> ArrayDataset:
         if self._test is None:
             draws = [self._federation.test_data(k, self._test_per_client)
@@ -342,6 +360,10 @@ class LocalFileData(FederatedData):
 
     def test_set(self) -> ArrayDataset:
         return self._test
+
+    def client_test(self, i: int) -> ArrayDataset | None:
+        """The device's own hold-out (``None`` if the file is too small to have one)."""
+        return self._test if len(self._test) else None
 
 
 class HubData(FederatedData):

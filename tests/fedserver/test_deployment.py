@@ -101,6 +101,7 @@ def test_nodes_only_run_takes_the_shape_from_the_nodes_and_goes_on_without_a_bro
         assert row["train_time_s"] > 0
         assert row["accuracy"] is None and row["eval_loss"] is None
         assert 0.0 <= row["client_accuracy"] <= 1.0
+        assert row["client_eval_holdout"] == 1.0  # each device's hold-out of its own file
     assert rows[1]["client_accuracy"] > rows[0]["client_accuracy"]
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["best_accuracy"] is None and summary["rounds"] == 2
