@@ -28,7 +28,7 @@ from fedclient.training import as_tensors, seeded_generator, set_params
 from fedclient.training import evaluate as evaluate_model
 from fedserver.config import RunConfig, parse_run_config
 from strategies import wire
-from strategies.client_ids import CLIENT_ID_KEY, CLIENT_ID_QUERY, QUERY_KEY
+from strategies.client_ids import CLIENT_ID_KEY, CLIENT_ID_QUERY, DESCRIBE_DATA_KEY, QUERY_KEY
 from strategies.codecs import build_error_feedback
 from strategies.factory import build_codec_for, codec_spec
 from strategies.packed_layout import ShareAssignment
@@ -175,7 +175,13 @@ def query(msg: Message, context: Context) -> Message:
     if config.get(QUERY_KEY) != CLIENT_ID_QUERY:
         raise ValueError(f"unknown query {dict(config)!r}")
     client_id, _, _ = client_identity(context)
-    return Message(RecordDict({wire.METRICS: MetricRecord({CLIENT_ID_KEY: client_id})}), reply_to=msg)
+    content = RecordDict({wire.METRICS: MetricRecord({CLIENT_ID_KEY: client_id})})
+    if config.get(DESCRIBE_DATA_KEY, False):  # the same answer as data_info, in this one reply
+        try:
+            content[DATA_INFO] = _describe_data(context)
+        except Exception as err:  # noqa: BLE001 - the id still counts; the server logs why
+            content[DATA_INFO] = ConfigRecord({"error": f"{type(err).__name__}: {err}"})
+    return Message(content, reply_to=msg)
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,9 +226,12 @@ def data_info(msg: Message, context: Context) -> Message:
     ``data-path``), so that it builds the same model as the nodes. A node whose data cannot be
     loaded raises here, and the server learns which one and why before the first round.
     """
-    cfg = run_config(context)
-    _, x, _, _ = _local_data(cfg, context)
-    info = ConfigRecord(
+    return Message(RecordDict({DATA_INFO: _describe_data(context)}), reply_to=msg)
+
+
+def _describe_data(context: Context) -> ConfigRecord:
+    """``input-shape`` and ``num-examples`` of this node's training data (raises if unloadable)."""
+    _, x, _, _ = _local_data(run_config(context), context)
+    return ConfigRecord(
         {"input-shape": [int(d) for d in x.shape[1:]], "num-examples": int(x.shape[0])}
     )
-    return Message(RecordDict({DATA_INFO: info}), reply_to=msg)

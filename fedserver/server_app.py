@@ -29,7 +29,7 @@ from fedserver.resume import load_resume_point, rng_state
 from fedserver.run_dir import RunDirectory
 from privacy.report import write_report
 from strategies.async_driver import AsyncRoundResult
-from strategies.client_ids import discover_client_ids, wait_for_nodes
+from strategies.client_ids import DESCRIBE_DATA_KEY, discover_client_ids, wait_for_nodes
 from strategies.exchange import send_and_receive
 from strategies.factory import build_async_driver, build_strategy, build_virtual_clock
 from strategies.sync_driver import RoundResult, run_sync
@@ -115,34 +115,45 @@ def nodes_hold_the_data(cfg: RunConfig) -> bool:
 def input_shape_from_nodes(grid: Grid, node_ids: list[int], timeout: float) -> tuple[int, ...]:
     """The shape of one training example, as the connected nodes describe their data.
 
-    Sends every node a ``query.data_info`` message (the ClientApp's :func:`data_info`); a
-    node that cannot load its data replies with an error, which is logged. All nodes that
-    answer must agree, or the federation could not train one model.
+    Sends every node a ``query.data_info`` message (the ClientApp's :func:`data_info`). When
+    the server also needs the nodes' client ids, :func:`run_pollen` asks both in one query
+    instead and hands the replies to :func:`input_shape_from_replies`.
+    """
+    _require_nodes(node_ids)
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.data_info")
+        for node in node_ids
+    ]
+    return input_shape_from_replies(send_and_receive(grid, messages, timeout=timeout),
+                                    node_ids, timeout)
+
+
+def input_shape_from_replies(replies, node_ids: list[int], timeout: float) -> tuple[int, ...]:
+    """The example shape the nodes' replies describe (a ``data-info`` record each).
+
+    A node that cannot load its data says so (an error reply, or an ``error`` entry), which
+    is logged. All nodes that could describe their data must agree, or the federation could
+    not train one model.
 
     Raises
     ------
     RuntimeError
         If no node is connected, none could describe its data, or their shapes differ.
     """
-    if not node_ids:
-        raise RuntimeError(
-            "dataset=files without a server-side data-path: the input shape comes from the "
-            "SuperNodes, but none is connected"
-        )
-    messages = [
-        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.data_info")
-        for node in node_ids
-    ]
+    _require_nodes(node_ids)
     shapes: dict[tuple[int, ...], list[int]] = {}
     failures = []
-    for reply in send_and_receive(grid, messages, timeout=timeout):
+    for reply in replies:
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            failures.append(f"node {node}: {reply.error.reason}")
-            log.warning("node %d could not describe its data: %s", node, reply.error.reason)
+        info = None if reply.has_error() else reply.content.config_records.get(DATA_INFO)
+        reason = reply.error.reason if reply.has_error() else (
+            "no data description in its reply" if info is None else info.get("error")
+        )
+        if reason:
+            failures.append(f"node {node}: {reason}")
+            log.warning("node %d could not describe its data: %s", node, reason)
         else:
-            shape = tuple(int(d) for d in reply.content[DATA_INFO]["input-shape"])
-            shapes.setdefault(shape, []).append(node)
+            shapes.setdefault(tuple(int(d) for d in info["input-shape"]), []).append(node)
     if not shapes:
         raise RuntimeError(
             "dataset=files without a server-side data-path: no SuperNode could describe its "
@@ -157,6 +168,14 @@ def input_shape_from_nodes(grid: Grid, node_ids: list[int], timeout: float) -> t
     log.info("example shape %s, as described by %d of %d nodes", list(shape), len(nodes),
              len(node_ids))
     return shape
+
+
+def _require_nodes(node_ids: list[int]) -> None:
+    if not node_ids:
+        raise RuntimeError(
+            "dataset=files without a server-side data-path: the input shape comes from the "
+            "SuperNodes, but none is connected"
+        )
 
 
 @app.main()
@@ -196,9 +215,18 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
 
     # Packed layout: the clients are virtual (0..N-1) and the nodes are workers hosting them.
     num_clients = cfg.virtual_clients or max(num_nodes, 1)
+    client_ids = None
     if nodes_hold_the_data(cfg):
         data = test = None
-        shape = input_shape_from_nodes(grid, node_ids, cfg.round_timeout)
+        if cfg.virtual_clients:
+            shape = input_shape_from_nodes(grid, node_ids, cfg.round_timeout)
+        else:  # one start-up message per node asks for its client id and its data's shape
+            replies: list[Message] = []
+            client_ids = discover_client_ids(
+                grid, node_ids, timeout=cfg.round_timeout, ask={DESCRIBE_DATA_KEY: True},
+                on_reply=replies.append,
+            )
+            shape = input_shape_from_replies(replies, node_ids, cfg.round_timeout)
         model = new_model(cfg, shape, cfg.num_classes)
         if cfg.fraction_evaluate == 0:
             log.warning(
@@ -215,7 +243,9 @@ def run_pollen(grid: Grid, cfg: RunConfig, *, run_id: int | str = 0) -> RunDirec
     evaluator = None if test is None else CentralEvaluator(cfg, test.x, test.y, model)
     strategy = build_strategy(cfg, run.path, num_examples=client_sizes(cfg, data))
     if not cfg.virtual_clients:
-        strategy.set_client_ids(discover_client_ids(grid, node_ids, timeout=cfg.round_timeout))
+        if client_ids is None:
+            client_ids = discover_client_ids(grid, node_ids, timeout=cfg.round_timeout)
+        strategy.set_client_ids(client_ids)
     strategy.summary()
     clock = build_virtual_clock(cfg, range(cfg.virtual_clients) if cfg.virtual_clients else node_ids)
     driver = build_async_driver(cfg, strategy, clock) if cfg.driver == "async" else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -21,6 +22,9 @@ log = logging.getLogger("pollen")
 QUERY_KEY = "pollen-query"
 CLIENT_ID_QUERY = "client-id"
 CLIENT_ID_KEY = "client-id"
+#: Query flag: describe the node's data in the same reply (saves a second start-up message,
+#: which on a real device means a second ClientApp process start).
+DESCRIBE_DATA_KEY = "describe-data"
 
 
 def wait_for_nodes(grid: Grid, *, settle_s: float = 0.5, timeout: float = 60.0) -> list[int]:
@@ -38,17 +42,30 @@ def wait_for_nodes(grid: Grid, *, settle_s: float = 0.5, timeout: float = 60.0) 
     return nodes
 
 
-def discover_client_ids(grid: Grid, node_ids: list[int], *, timeout: float = 120.0) -> dict[int, int]:
+def discover_client_ids(
+    grid: Grid,
+    node_ids: list[int],
+    *,
+    timeout: float = 120.0,
+    ask: Mapping[str, bool | int | float | str] | None = None,
+    on_reply: Callable[[Message], None] | None = None,
+) -> dict[int, int]:
     """Ask every node for its client id; returns node id → client id.
 
     Nodes that do not answer (or answer without an id) are left out and keep being sampled
     by node id only if no node answered. Duplicate client ids (two devices configured with
     the same partition id) are an error, since they would make two clients one.
+
+    ``ask`` adds entries to the query (e.g. ``{DESCRIBE_DATA_KEY: True}``) and ``on_reply``
+    sees every reply, error replies included, so that one start-up message per node can
+    carry several questions.
     """
-    content = RecordDict({"config": ConfigRecord({QUERY_KEY: CLIENT_ID_QUERY})})
+    content = RecordDict({"config": ConfigRecord({QUERY_KEY: CLIENT_ID_QUERY, **(ask or {})})})
     messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     mapping: dict[int, int] = {}
     for reply in send_and_receive(grid, messages, timeout=timeout):
+        if on_reply is not None:
+            on_reply(reply)
         if reply.has_error() or not reply.content.metric_records:
             continue
         metrics = next(iter(reply.content.metric_records.values()))

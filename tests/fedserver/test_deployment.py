@@ -32,9 +32,10 @@ from fedserver.deployment import (
     write_node_config,
 )
 from fedserver.launcher import RunOutcome, run_app
-from fedserver.server_app import input_shape_from_nodes, run_pollen
+from fedserver.server_app import input_shape_from_nodes, input_shape_from_replies, run_pollen
 from simulations.datasets import DataSpec, load_federated
 from simulations.inprocess_grid import InProcessGrid
+from strategies.client_ids import DESCRIBE_DATA_KEY, discover_client_ids
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
@@ -91,7 +92,16 @@ def test_nodes_only_run_takes_the_shape_from_the_nodes_and_goes_on_without_a_bro
     node_configs = [{"data-path": str(p), "state-dir": str(tmp_path / "state")} for p in good]
     node_configs.append({"data-path": str(bad)})
     grid = InProcessGrid(client_app.app, 4, run_config=run_config, node_configs=node_configs)
+    sent_types: list[str] = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: push(  # record what the server sends
+        [m for m in messages if not sent_types.append(m.metadata.message_type)]
+    )
     run = run_pollen(grid, parse_run_config(run_config))
+    # one start-up query per node asks for its client id and its data's shape together (on a
+    # device each message starts a ClientApp process); then 2 rounds of train + evaluate
+    assert sent_types[:4] == [MessageType.QUERY] * 4
+    assert sent_types.count(MessageType.QUERY) == 4 and len(sent_types) == 4 + 2 * (4 + 4)
 
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -123,6 +133,31 @@ def test_nodes_with_different_example_shapes_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"different example shapes: \[4\] on nodes \[1001, 1002\]; \[5\] on nodes \[1003\]"):
         input_shape_from_nodes(grid, list(grid.get_node_ids()), timeout=30)
     assert input_shape_from_nodes(grid, [1001, 1002], timeout=30) == (4,)
+    # the same answer when the question rides on the client-id query
+    replies: list = []
+    ids = discover_client_ids(grid, [1001, 1002, 1003], ask={DESCRIBE_DATA_KEY: True},
+                              on_reply=replies.append)
+    assert ids == {1001: 1001, 1002: 1002, 1003: 1003}  # devices: node id when no partition-id
+    with pytest.raises(RuntimeError, match=r"\[4\] on nodes \[1001, 1002\]; \[5\] on nodes \[1003\]"):
+        input_shape_from_replies(replies, [1001, 1002, 1003], timeout=30)
+    assert input_shape_from_replies(replies[:2], [1001, 1002], timeout=30) == (4,)
+
+
+def test_a_node_that_cannot_load_its_data_still_reports_its_client_id(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((10, 3)), y=np.arange(10) % 2)
+    run_config = {"dataset": "files", "num-classes": 2}
+    grid = InProcessGrid(client_app.app, 2, run_config=run_config, node_configs=[
+        {"data-path": str(good), "partition-id": 5},
+        {"data-path": str(_write_malformed(tmp_path)), "partition-id": 6},
+    ])
+    replies: list = []
+    ids = discover_client_ids(grid, [1001, 1002], ask={DESCRIBE_DATA_KEY: True},
+                              on_reply=replies.append)
+    assert ids == {1001: 5, 1002: 6}  # the broken node stays a client: its rounds fail visibly
+    assert input_shape_from_replies(replies, [1001, 1002], timeout=30) == (3,)
+    with pytest.raises(RuntimeError, match="no SuperNode could describe its data.*broken.npz"):
+        input_shape_from_replies(replies[1:], [1002], timeout=30)
 
 
 def test_node_without_data_path_is_told_to_set_one(tmp_path):
