@@ -1,7 +1,8 @@
 """Send messages and collect their replies over a Flower ``Grid``, polling at a cost-aware pace.
 
 Why not ``Grid.send_and_receive``: Flower's grids sleep a fixed interval between pulls —
-0.1 s in the in-memory grid and 3 s in the gRPC grid a ``flwr run`` ServerApp gets. A round of
+0.1 s in the in-memory grid of a simulation and 3 s in the gRPC grid a deployment's ServerApp
+process talks to the SuperLink through. A round of
 the packed layout (a few workers, ~1 s of training) then waits on average half an interval
 after its last reply arrives, and a deployment round up to 3 s. Pulling much more often is
 cheap when a pull is cheap (a handful of message ids) and wasteful when it is not (thousands
