@@ -27,6 +27,7 @@ from fedclient.state import state_store
 from fedclient.training import as_tensors, seeded_generator, set_params
 from fedclient.training import evaluate as evaluate_model
 from fedserver.config import RunConfig, parse_run_config
+from simulations.datasets import DataSpec
 from strategies import wire
 from strategies.client_ids import CLIENT_ID_KEY, CLIENT_ID_QUERY, DESCRIBE_DATA_KEY, QUERY_KEY
 from strategies.codecs import build_error_feedback
@@ -102,17 +103,21 @@ def _device_tensors(spec, num_partitions: int, partition: int, device: str):
     return x, y, data.num_classes
 
 
-def _local_data(cfg: RunConfig, context: Context):
+def _data_source(cfg: RunConfig, context: Context) -> tuple[int, DataSpec, int, str]:
+    """(client id, data spec, number of partitions, device) of this node's data."""
     client_id, num_partitions, data_path = client_identity(context)
     spec = data_spec(cfg, data_path or None)
     # A node's own `device` (node config) wins over the run's, e.g. a device with broken CUDA.
     device = str(pick_device(str(context.node_config.get("device", cfg.device))))
+    return client_id, spec, num_partitions if not spec.data_path else 1, device
+
+
+def _local_data(cfg: RunConfig, context: Context):
+    client_id, spec, num_partitions, device = _data_source(cfg, context)
     try:
-        x, y, num_classes = _device_tensors(
-            spec, num_partitions if not spec.data_path else 1, client_id, device
-        )
+        x, y, num_classes = _device_tensors(spec, num_partitions, client_id, device)
     except FileNotFoundError as err:
-        if data_path or cfg.dataset != "files":
+        if context.node_config.get("data-path") or cfg.dataset != "files":
             raise
         raise FileNotFoundError(
             f"{err} (the run config's data-path: this node has none in its node config; start "
@@ -202,11 +207,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     cfg = run_config(context)
     _, x, y, model = _local_data(cfg, context)
-    client_id, num_partitions, data_path = client_identity(context)
-    spec = data_spec(cfg, data_path or None)
-    held_out = _device_test_tensors(
-        spec, num_partitions if not spec.data_path else 1, client_id, str(x.device)
-    )
+    client_id, spec, num_partitions, device = _data_source(cfg, context)
+    held_out = _device_test_tensors(spec, num_partitions, client_id, device)
     if held_out is not None:
         x, y = held_out
     set_params(model, to_params(msg.content[wire.ARRAYS]))

@@ -38,14 +38,6 @@ BASE = {"device": "cpu", "model": "logreg", "momentum": 0.0, "dataset": "digits"
 FULL_BATCH = {"batch-size": 100_000, "local-steps": 1}  # Poisson rate q = 1: the whole partition
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: on a shared machine extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _one_round(overrides: dict, num_nodes: int = 8):
     """One round, one client; returns (start params, that client's delta, its partition)."""

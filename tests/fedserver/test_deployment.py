@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from fedserver.server_app import input_shape_from_nodes, input_shape_from_replie
 from simulations.datasets import DataSpec, load_federated
 from simulations.inprocess_grid import InProcessGrid
 from strategies.client_ids import DESCRIBE_DATA_KEY, discover_client_ids
+from tests.support.processes import process_tree, ps_table
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 10
@@ -174,31 +174,6 @@ def test_node_without_data_path_is_told_to_set_one(tmp_path):
 # End to end: real processes on loopback
 
 
-def _ps() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, pgid, stat, args) for every process."""
-    out = subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,ppid=,pgid=,stat=,args="], capture_output=True, text=True,
-        check=True,
-    ).stdout
-    table = {}
-    for line in out.splitlines():
-        pid, ppid, pgid, stat, *args = line.split(maxsplit=4)
-        table[int(pid)] = (int(ppid), int(pgid), stat, args[0] if args else "")
-    return table
-
-
-def _descendants(root: int) -> dict[int, tuple[int, int, str, str]]:
-    table = _ps()
-    found, stack = {}, [root]
-    while stack:
-        pid = stack.pop()
-        for child, row in table.items():
-            if row[0] == pid and child not in found:
-                found[child] = row
-                stack.append(child)
-    return found
-
-
 @dataclass
 class Scenario:
     directory: Path
@@ -251,13 +226,13 @@ def scenario(tmp_path_factory) -> Scenario:
         finally:
             wrong_ca.stop()
             unregistered.stop()
-        started = _descendants(os.getpid())
+        started = process_tree(os.getpid(), include_root=False)
         node_logs = {node.name: node.log() for node in fed.nodes}
         superlink_log = fed.link.log_file.read_text(errors="replace")
         node_ids = fed.node_ids
     groups = {row[1] for row in started.values()} - {os.getpgrp()}
     survivors = [
-        f"{pid} {row[3]}" for pid, row in _ps().items()
+        f"{pid} {row[3]}" for pid, row in ps_table().items()
         if (pid in started or row[1] in groups) and not row[2].startswith("Z")
     ]
     return Scenario(

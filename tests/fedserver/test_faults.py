@@ -29,14 +29,6 @@ from tests.support.inprocess_grid import InProcessGrid
 FIRST_NODE = 1001  # InProcessGrid: node 1001 + i holds partition i
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: intra-op threads only add overhead (and contention on a shared CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- the fault plan -----------------------------------------------------------------------
 

@@ -28,38 +28,16 @@ from fedserver.launcher import (
     flwr_run,
     local_superlink,
 )
+from tests.support.processes import process_tree, ps_table
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _ps() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, pgid, stat, args) for every process, via `ps`."""
-    out = subprocess.run(
-        ["ps", "-ww", "-eo", "pid=,ppid=,pgid=,stat=,args="], capture_output=True, text=True, check=True
-    ).stdout
-    table = {}
-    for line in out.splitlines():
-        pid, ppid, pgid, stat, *args = line.split(maxsplit=4)
-        table[int(pid)] = (int(ppid), int(pgid), stat, args[0] if args else "")
-    return table
-
-
-def _tree(root: int) -> dict[int, tuple[int, int, str, str]]:
-    table = _ps()
-    found, stack = {}, [root]
-    while stack:
-        pid = stack.pop()
-        if pid in table:
-            found[pid] = table[pid]
-            stack += [p for p, row in table.items() if row[0] == pid]
-    return found
 
 
 def _alive(pids: set[int] = frozenset(), groups: set[int] = frozenset()) -> list[str]:
     """Non-zombie processes among ``pids`` or in ``groups``, as 'pid args' strings."""
     return [
         f"{pid} {args}"
-        for pid, (_, pgid, stat, args) in _ps().items()
+        for pid, (_, pgid, stat, args) in ps_table().items()
         if (pid in pids or pgid in groups) and not stat.startswith("Z")
     ]
 
@@ -72,7 +50,7 @@ def test_superlinks_sharing_a_home_run_side_by_side_and_are_stopped_on_error(tmp
     flwr = str(Path(sys.executable).parent / "flwr")
     with pytest.raises(RuntimeError, match="boom"), local_superlink(tmp_path) as first:
         with local_superlink(tmp_path) as second:
-            trees = {link.pid: _tree(link.pid) for link in (first, second)}
+            trees = {link.pid: process_tree(link.pid) for link in (first, second)}
             assert first.address != second.address
             for link in (first, second):
                 with urllib.request.urlopen(f"http://{link.address}/health", timeout=5) as resp:
@@ -111,7 +89,7 @@ def test_fixed_port_already_in_use_is_a_clear_error(tmp_path):
         ):
             pass
     leftovers = [
-        f"{pid} {args}" for pid, (_, _, stat, args) in _ps().items()
+        f"{pid} {args}" for pid, (_, _, stat, args) in ps_table().items()
         if (f"--port {port}" in args or f"127.0.0.1:{port}" in args) and not stat.startswith("Z")
     ]
     assert leftovers == []
@@ -132,7 +110,7 @@ def test_sigterm_to_the_caller_stops_the_superlink(tmp_path):
         [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     superlink = int(caller.stdout.readline())
-    tree = _tree(superlink)
+    tree = process_tree(superlink)
     assert any("flower-superexec" in row[3] for row in tree.values()), tree
     caller.send_signal(signal.SIGTERM)
     assert caller.wait(timeout=30) == 128 + signal.SIGTERM
@@ -253,9 +231,9 @@ def toy_app(tmp_path) -> Path:
 def _watch_superlinks(stop: threading.Event, seen: dict[int, tuple[int, int, str, str]]) -> None:
     """Record every process under SuperLinks that are children of this test process."""
     while not stop.is_set():
-        for pid, row in _ps().items():
+        for pid, row in ps_table().items():
             if row[0] == os.getpid() and "flower-superlink" in row[3]:
-                for member, member_row in _tree(pid).items():
+                for member, member_row in process_tree(pid).items():
                     # keep the first sighting: an exited process shows as '[comm] <defunct>'
                     seen.setdefault(member, member_row)
         time.sleep(0.2)

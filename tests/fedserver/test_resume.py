@@ -38,14 +38,6 @@ NUM_NODES = 5
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: intra-op threads only add overhead (and contention on a shared CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class ServerCrash(RuntimeError):
     """Stands in for the server process dying at a chosen point of a round."""

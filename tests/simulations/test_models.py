@@ -66,16 +66,6 @@ def test_models_are_opacus_compatible_with_exact_per_sample_gradients(name):
                               atol=1e-6)
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models: extra intra-op threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("one_torch_thread")
 def test_central_mlp_on_digits_beats_ninety_percent_in_five_epochs():
     data = load_federated(DataSpec(dataset="digits", seed=0), 1)
     train, test = data.partition(0), data.test_set()

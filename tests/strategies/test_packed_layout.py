@@ -8,7 +8,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -51,14 +50,6 @@ BASE = {
 }
 POPULATION, WORKERS = 10, 3
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Workers run with worker-threads=1 (the default); run the whole module that way."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import logging
 import dp_accounting
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from fedclient.client_app import app as client_app
@@ -35,14 +34,6 @@ from tests.support.inprocess_grid import InProcessGrid
 
 BASE = {"device": "cpu", "model": "logreg", "momentum": 0.0, "dataset": "digits"}
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: on a shared machine extra intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup(overrides: dict, num_nodes: int, apps=client_app):
